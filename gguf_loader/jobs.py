@@ -1,0 +1,158 @@
+"""What the engine takes in and gives back. Plain data: no llama.cpp, no HTTP, no JSON dialects."""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Union
+
+# KoboldCpp's sampler ids: 0 top_k, 1 top_a, 2 top_p, 3 tfs, 4 typical, 5 temperature, 6 rep_pen
+DEFAULT_SAMPLER_ORDER = [6, 0, 1, 3, 4, 2, 5]
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.75
+    top_k: int = 100
+    top_p: float = 0.92
+    top_a: float = 0.0
+    min_p: float = 0.0
+    typical: float = 1.0
+    tfs: float = 1.0
+    nsigma: float = 0.0
+    rep_pen: float = 1.0
+    rep_pen_range: int = 320
+    rep_pen_slope: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    sampler_order: List[int] = field(default_factory=lambda: list(DEFAULT_SAMPLER_ORDER))
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
+    smoothing_factor: float = 0.0
+    smoothing_curve: float = 1.0
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = 320
+    dry_sequence_breakers: List[str] = field(default_factory=list)
+    xtc_threshold: float = 0.2
+    xtc_probability: float = 0.0
+    seed: int = -1  # < 0: random
+    grammar: str = ""  # GBNF
+    logit_bias: dict = field(default_factory=dict)  # {token_id(int): bias(float)}
+    ban_eos: bool = False
+
+
+@dataclass
+class GenRequest:
+    """One text generation. `prompt` is text (tokenized with BOS by the engine) or token ids."""
+    prompt: Union[str, List[int]] = ""
+    memory: str = ""  # kept at the front while the prompt is trimmed from the front
+    max_length: int = 896
+    max_context_length: int = 8192  # clamped by the engine to its context
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: List[str] = field(default_factory=list)
+    trim_stop: bool = True
+    bypass_eos: bool = False  # EOS may be sampled but does not end generation
+    render_special: bool = False
+    logprobs: bool = False  # report each generated token's logprob
+    top_logprobs: int = 5  # alternatives per token when logprobs is on (0-20)
+    genkey: str = ""
+    add_bos: bool = True
+    tokenize_special: bool = True  # parse special-token text (e.g. "<start_of_turn>") in the prompt
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: List[int]
+    top: List[tuple]  # [(token_text, logprob, bytes), ...]
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: str  # "stop" (EOS or stop string), "length" (token budget), "abort"
+    stop_reason: int  # KoboldCpp's perf code: 0 out of tokens, 1 EOS, 2 stop sequence, -1 aborted/invalid
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens served from the KV cache
+    stop_string: Optional[str] = None
+    logprobs: Optional[List[TokenLogprob]] = None
+    seed: int = 0
+    process_time: float = 0.0  # seconds spent on the prompt
+    eval_time: float = 0.0  # seconds spent generating
+    error: Optional[str] = None
+
+
+@dataclass
+class Event:
+    kind: str  # "text" | "done"
+    text: str = ""
+    logprobs: Optional[List[TokenLogprob]] = None
+    result: Optional[Result] = None
+
+
+class QueueFull(Exception):
+    """The engine's wait queue is at its cap (HTTP routes answer 503)."""
+
+
+class Job:
+    """Handle shared by the submitting thread and the engine thread."""
+
+    _ids = 0
+    _ids_lock = threading.Lock()
+
+    def __init__(self, request: GenRequest):
+        with Job._ids_lock:
+            Job._ids += 1
+            self.id = Job._ids
+        self.request = request
+        self.genkey = request.genkey or ""
+        self.events: "queue.Queue[Event]" = queue.Queue()
+        self.submitted = time.monotonic()
+        self.started = threading.Event()
+        self.finished = threading.Event()
+        self.aborted = threading.Event()
+        self.result: Optional[Result] = None
+        self._text_parts: List[str] = []
+
+    # engine side
+    def emit_text(self, text: str, logprobs=None):
+        if text or logprobs:
+            self._text_parts.append(text)
+            self.events.put(Event("text", text=text, logprobs=logprobs))
+
+    def finish(self, result: Result):
+        self.result = result
+        self.finished.set()
+        self.events.put(Event("done", result=result))
+
+    # client side
+    def abort(self):
+        self.aborted.set()
+
+    @property
+    def text_so_far(self) -> str:
+        return "".join(self._text_parts)
+
+    def stream(self, poll: float = 0.5) -> Iterator[Event]:
+        """Yield events until the final one. `poll` bounds each wait so callers can notice disconnects."""
+        while True:
+            try:
+                ev = self.events.get(timeout=poll)
+            except queue.Empty:
+                yield Event("idle")
+                continue
+            yield ev
+            if ev.kind == "done":
+                return
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[Result]:
+        self.finished.wait(timeout)
+        return self.result

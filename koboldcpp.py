@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""koboldcpp.py: a local LLM server for GGUF models (KoboldCpp-compatible API, OpenAI API, built-in web page).
+
+This file holds the command line, config files and the HTTP routes; model work lives in gguf_loader/,
+API-dialect translation in adapters/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+VERSION = "1.104"  # the KoboldCpp API level we report; Lite and SillyTavern gate features on it
+PROGRAM_VERSION = "0.1.0"
+DEFAULT_PORT = 5001
+
+
+def default_threads() -> int:
+    # Measured on the 2-core dev machine: 2 threads decode fastest (README, "Threads").
+    # On bigger machines llama.cpp's decode is memory-bound; leave one core for the HTTP side.
+    n = os.cpu_count() or 1
+    return n if n <= 4 else min(n - 1, 16)
+
+
+class ArgError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line and exit 2, never a usage dump mid-screen
+        raise ArgError(message)
+
+
+def _int_range(lo, hi, name):
+    def conv(s):
+        try:
+            v = int(s)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {s!r}")
+        if v < lo or v > hi:
+            raise argparse.ArgumentTypeError(f"{name} must be between {lo} and {hi}, got {v}")
+        return v
+    return conv
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="koboldcpp.py", description="Serve a GGUF model with KoboldCpp's API, an OpenAI-compatible API and a web page.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model_param", nargs="?", default=None, metavar="MODEL",
+                   help="GGUF model file (or a .kcpps config file)")
+    p.add_argument("--model", "-m", dest="model", default=None, help="GGUF model file")
+    p.add_argument("--port", type=_int_range(1, 65535, "--port"), default=DEFAULT_PORT, help="port to listen on")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; use 0.0.0.0 for every interface")
+    p.add_argument("--contextsize", "-c", "--ctx-size", type=_int_range(256, 262144, "--contextsize"), default=8192,
+                   help="context size in tokens (capped to the model's trained context)")
+    p.add_argument("--threads", "-t", type=_int_range(-1, 512, "--threads"), default=-1,
+                   help=f"CPU threads; -1 = auto ({default_threads()} here)")
+    p.add_argument("--batchsize", "-b", "--blasbatchsize", type=_int_range(16, 4096, "--batchsize"), default=512,
+                   help="prompt tokens processed per step")
+    p.add_argument("--gpulayers", "-ngl", type=_int_range(-1, 999, "--gpulayers"), default=0,
+                   help="layers to offload to the GPU (needs a GPU build of llama-cpp-python; -1 = all)")
+    p.add_argument("--password", default=None, help="API key clients must send as 'Authorization: Bearer KEY'")
+    p.add_argument("--multiuser", type=_int_range(0, 100, "--multiuser"), nargs="?", const=1, default=1,
+                   help="queue requests while busy: N>1 queues N-1, 1 queues 6, 0 answers busy (503) at once")
+    p.add_argument("--parallelrequests", type=_int_range(1, 32, "--parallelrequests"), default=1,
+                   help="sequences decoded together (continuous batching)")
+    p.add_argument("--defaultgenamt", type=_int_range(16, 8192, "--defaultgenamt"), default=896,
+                   help="tokens generated when a request does not say")
+    p.add_argument("--noshift", action="store_true", help="disable ContextShift")
+    p.add_argument("--nofastforward", action="store_true", help="disable FastForward prompt reuse (implies --noshift)")
+    p.add_argument("--flashattention", "-fa", action="store_true", help="use flash attention")
+    p.add_argument("--usemmap", action="store_true", help="memory-map the model file")
+    p.add_argument("--usemlock", action="store_true", help="lock the model in RAM")
+    p.add_argument("--quiet", action="store_true", help="do not log prompts and generated text")
+    p.add_argument("--skiplauncher", action="store_true", help="never show the launcher window")
+    p.add_argument("--showgui", action="store_true", help="show the launcher window even when a model is given")
+    p.add_argument("--launch", action="store_true", help="open the web page in a browser once the server is ready")
+    p.add_argument("--config", default=None, metavar="FILE.kcpps", help="load flags from a .kcpps JSON file (command line wins)")
+    p.add_argument("--exportconfig", default=None, metavar="FILE", help="write the flags to a .kcpps file and exit")
+    p.add_argument("--chatcompletionsadapter", default=None,
+                   help="instruct template for chat: a preset name, a JSON file, or AutoGuess (default Alpaca)")
+    p.add_argument("--jinja", action="store_true", help="render chat with the model's own jinja chat template")
+    p.add_argument("--embeddingsmodel", default=None, help="separate GGUF model for /v1/embeddings")
+    p.add_argument("--sdurl", default=None, help="Automatic1111 server for /v1/images/generations (or SD_WEBUI_URL)")
+    p.add_argument("--maxrequestsize", type=_int_range(1, 1024, "--maxrequestsize"), default=32, help="request body limit in MB")
+    p.add_argument("--preloadstory", default=None, help="story JSON served at /api/extra/preloadstory")
+    p.add_argument("--hordemodelname", default=None, help="model name to report instead of the file name")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    return p
+
+
+# flags whose values are paths or launch modes, never stored in a config
+_NOT_EXPORTED = {"exportconfig", "config", "version", "showgui", "skiplauncher"}
+
+
+def config_dict(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in _NOT_EXPORTED}
+
+
+def _explicit_dests(parser: argparse.ArgumentParser, argv: list) -> set:
+    """Which dests the command line set explicitly (so a config file does not override them)."""
+    ns = parser.parse_args(argv, namespace=argparse.Namespace(**{a.dest: _UNSET for a in parser._actions}))
+    return {k for k, v in vars(ns).items() if v is not _UNSET}
+
+
+_UNSET = object()
+_CONFIG_ALIASES = {"blasbatchsize": "batchsize", "model_param_alias": "model"}
+
+
+def load_config_file(path: str) -> dict:
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ArgError(f"config file not found: {path}")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArgError(f"config file {path} is not valid JSON: {e}")
+    if not isinstance(data, dict):
+        raise ArgError(f"config file {path} must hold a JSON object of flags")
+    return data
+
+
+def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace, data: dict, explicit: set, source: str):
+    """Set the config's keys over the defaults, except flags given on the command line; values are checked
+    with the same converters the command line uses."""
+    actions = {a.dest: a for a in parser._actions}
+    for key, value in data.items():
+        key = _CONFIG_ALIASES.get(key, key)
+        if key in _NOT_EXPORTED or key not in actions or key in explicit:
+            continue  # unknown keys (other KoboldCpp versions' flags) are ignored
+        act = actions[key]
+        if value is None:
+            setattr(args, key, act.default)
+            continue
+        if isinstance(act, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if not isinstance(value, bool):
+                raise ArgError(f"{source}: '{key}' must be true or false, got {value!r}")
+        elif act.type is not None:
+            try:
+                value = act.type(str(value) if not isinstance(value, str) else value)
+            except argparse.ArgumentTypeError as e:
+                raise ArgError(f"{source}: {e}")
+        elif not isinstance(value, str):
+            raise ArgError(f"{source}: '{key}' must be a string, got {value!r}")
+        setattr(args, key, value)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse the command line (and a --config file). Raises ArgError with one clear line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except ArgError:
+        raise
+    # a positional .kcpps is a config file, as in KoboldCpp
+    if args.model_param and args.model_param.lower().endswith((".kcpps", ".kcppt", ".json")) and not args.config:
+        args.config, args.model_param = args.model_param, None
+    if args.config:
+        explicit = _explicit_dests(parser, argv)
+        apply_config(parser, args, load_config_file(args.config), explicit, args.config)
+    if args.model_param and not args.model:
+        args.model = args.model_param
+    args.model_param = None
+    if args.showgui and args.skiplauncher:
+        raise ArgError("--showgui and --skiplauncher cannot be used together")
+    if args.nofastforward:
+        args.noshift = True
+    return args
+
+
+def export_config(args: argparse.Namespace, path: str):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config_dict(args), f, indent=2)
+        f.write("\n")
+
+
+def has_display() -> bool:
+    if sys.platform.startswith("win") or sys.platform == "darwin":
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+    except ArgError as e:
+        print(f"koboldcpp.py: error: {e}", file=sys.stderr)
+        return 2
+    if args.version:
+        print(f"koboldcpp.py {PROGRAM_VERSION} (KoboldCpp API {VERSION})")
+        return 0
+    if args.exportconfig:
+        try:
+            export_config(args, args.exportconfig)
+        except OSError as e:
+            print(f"koboldcpp.py: error: cannot write {args.exportconfig}: {e}", file=sys.stderr)
+            return 2
+        print(f"Wrote config to {args.exportconfig}")
+        return 0
+    if args.showgui or (not args.model and not args.skiplauncher and has_display()):
+        try:
+            from launcher_gui import run_launcher
+        except ImportError as e:
+            if args.showgui:
+                print(f"koboldcpp.py: error: the launcher window needs customtkinter and tkinter ({e})", file=sys.stderr)
+                return 2
+            print(f"Launcher window unavailable ({e}); serving the bundled model instead.")
+        else:
+            chosen = run_launcher(args)
+            if chosen is None:
+                print("Launcher closed without launching.")
+                return 0
+            args = chosen
+    from server import serve
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
