@@ -1,0 +1,1 @@
+"""Translation between API dialects (KoboldCpp native, OpenAI, Ollama) and the engine. Pure functions, no HTTP."""
