@@ -1,0 +1,679 @@
+"""The engine: one thread owns the llama.cpp model and context and runs every generation.
+
+HTTP threads `submit()` a GenRequest and read Events from the returned Job. The context holds N sequences (slots);
+each step puts the next token of every generating slot and a chunk of any pending prompt into one llama_batch and
+decodes it once (continuous batching). A new job takes the idle slot whose cached tokens share the longest prefix
+with its prompt, so only the new suffix is decoded (FastForward).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+
+import llama_cpp as L
+
+from .jobs import Event, GenRequest, Job, QueueFull, Result, TokenLogprob  # noqa: F401 (re-exported)
+from .sampling import SamplerChain
+from .textstream import TextStream
+
+
+class ModelLoadError(Exception):
+    pass
+
+
+@dataclass
+class EngineConfig:
+    model_path: str
+    n_ctx: int = 8192
+    n_threads: int = 2
+    n_batch: int = 512
+    n_gpu_layers: int = 0
+    flash_attn: bool = False
+    use_mmap: bool = False
+    use_mlock: bool = False
+    n_slots: int = 1
+    max_queue: int = 6
+    fastforward: bool = True
+    contextshift: bool = True
+    quiet: bool = False
+    embedding_model_path: Optional[str] = None
+
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+_LOG_CB = None
+
+
+def _init_backend():
+    global _backend_ready, _LOG_CB
+    with _backend_lock:
+        if _backend_ready:
+            return
+
+        def log(level, text, user):  # keep llama.cpp quiet except for errors
+            if level == 4 and text:
+                try:
+                    os.write(2, b"llama.cpp: " + text)
+                except OSError:
+                    pass
+
+        _LOG_CB = L.llama_log_callback(log)
+        L.llama_log_set(_LOG_CB, None)
+        L.llama_backend_init()
+        _backend_ready = True
+
+
+def _load_model(path: str, n_gpu_layers: int, use_mmap: bool, use_mlock: bool):
+    mp = L.llama_model_default_params()
+    mp.n_gpu_layers = 999 if n_gpu_layers < 0 else n_gpu_layers
+    mp.use_mmap = use_mmap
+    mp.use_mlock = use_mlock
+    # No CPU weight repacking: measured here it makes logits depend on batch shape (so a cached prefix or a
+    # neighbour slot changed sampled text) and halved prompt speed (352 vs 686 tok/s); decode speed is equal.
+    mp.use_extra_bufts = bool(os.environ.get('KCPP_REPACK'))
+    model = L.llama_model_load_from_file(path.encode("utf-8"), mp)
+    if not model:
+        raise ModelLoadError(f"llama.cpp could not load the model {path}")
+    return model
+
+
+def _meta(model) -> Dict[str, str]:
+    out = {}
+    buf = ctypes.create_string_buffer(4096)
+    for i in range(L.llama_model_meta_count(model)):
+        if L.llama_model_meta_key_by_index(model, i, buf, len(buf)) < 0:
+            continue
+        key = buf.value.decode("utf-8", "replace")
+        n = L.llama_model_meta_val_str_by_index(model, i, None, 0)
+        if n < 0:
+            continue
+        vbuf = ctypes.create_string_buffer(n + 1)
+        L.llama_model_meta_val_str_by_index(model, i, vbuf, n + 1)
+        out[key] = vbuf.value.decode("utf-8", "replace")
+    return out
+
+
+class _Vocab:
+    """Tokenizer helpers bound to one model (thread-safe: the vocab is read-only)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.vocab = L.llama_model_get_vocab(model)
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        self._pieces: Dict[int, bytes] = {}
+        self._pieces_special: Dict[int, bytes] = {}
+
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> List[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        while True:
+            buf = (L.llama_token * n_max)()
+            n = L.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_bos, special)
+            if n >= 0:
+                return list(buf[:n])
+            n_max = -n
+
+    def piece(self, tok: int, special: bool = False) -> bytes:
+        cache = self._pieces_special if special else self._pieces
+        p = cache.get(tok)
+        if p is None:
+            buf = ctypes.create_string_buffer(64)
+            n = L.llama_token_to_piece(self.vocab, tok, buf, 64, 0, special)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = L.llama_token_to_piece(self.vocab, tok, buf, -n, 0, special)
+            p = buf.raw[:max(n, 0)]
+            cache[tok] = p
+        return p
+
+    def detokenize(self, ids: List[int], special: bool = False) -> str:
+        return b"".join(self.piece(int(t), special) for t in ids if 0 <= int(t) < self.n_vocab).decode("utf-8", "replace")
+
+
+class _Slot:
+    def __init__(self, seq_id: int):
+        self.seq = seq_id
+        self.cache: List[int] = []  # tokens whose K/V sit in this sequence
+        self.job: Optional[Job] = None
+        self.last_used = 0.0
+        self.reset_job()
+
+    def reset_job(self):
+        self.prompt: List[int] = []
+        self.n_prompt_done = 0
+        self.sampler: Optional[SamplerChain] = None
+        self.pending: Optional[int] = None  # sampled token not yet decoded
+        self.generated: List[int] = []
+        self.stream: Optional[TextStream] = None
+        self.logprobs: List[TokenLogprob] = []
+        self.max_new = 0
+        self.seed = 0
+        self.t_start = 0.0
+        self.t_first = 0.0
+        self.cached = 0
+        self.batch_idx = -1
+
+    @property
+    def prefilling(self) -> bool:
+        return self.job is not None and self.n_prompt_done < len(self.prompt)
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig):
+        _init_backend()
+        self.cfg = cfg
+        self.model_path = cfg.model_path
+        self.model_name = os.path.splitext(os.path.basename(cfg.model_path))[0]
+        t0 = time.monotonic()
+        self.model = _load_model(cfg.model_path, cfg.n_gpu_layers, cfg.use_mmap, cfg.use_mlock)
+        self.load_time = time.monotonic() - t0
+        self.tok = _Vocab(self.model)
+        self.vocab = self.tok.vocab
+        self.n_vocab = self.tok.n_vocab
+        self.metadata = _meta(self.model)
+        self.chat_template = self.metadata.get("tokenizer.chat_template")
+        self.n_ctx_train = L.llama_model_n_ctx_train(self.model)
+        self.n_ctx = max(256, min(cfg.n_ctx, self.n_ctx_train)) if self.n_ctx_train > 0 else cfg.n_ctx
+        self.n_slots = max(1, cfg.n_slots)
+        self.n_batch = max(16, cfg.n_batch)
+        self.eog_ids = [t for t in range(self.n_vocab) if L.llama_vocab_is_eog(self.vocab, t)] if self.n_vocab < 400000 else []
+
+        cp = L.llama_context_default_params()
+        cp.n_ctx = self.n_ctx * self.n_slots
+        cp.n_batch = self.n_batch
+        cp.n_ubatch = self.n_batch
+        cp.n_seq_max = self.n_slots
+        cp.n_threads = cfg.n_threads
+        cp.n_threads_batch = cfg.n_threads
+        cp.flash_attn_type = 1 if cfg.flash_attn else 0
+        cp.no_perf = True
+        cp.swa_full = True  # keep the whole window of SWA layers so cached prefixes stay reusable
+        cp.kv_unified = False  # each slot gets its own n_ctx
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            L.llama_model_free(self.model)
+            raise ModelLoadError(f"llama.cpp could not create a context of {cp.n_ctx} tokens for {cfg.model_path}")
+        self.mem = L.llama_get_memory(self.ctx)
+        self.can_shift = bool(L.llama_memory_can_shift(self.mem))
+        self.batch = L.llama_batch_init(max(self.n_batch, self.n_slots), 0, 1)
+
+        self.slots = [_Slot(i) for i in range(self.n_slots)]
+        self._lock = threading.Condition()
+        self._waiting: List[Job] = []
+        self._running: List[Job] = []
+        self._stop = False
+        self._embed_lock = threading.Lock()
+        self._embed_ctx = None
+        self._embed_model = None
+        self._embed_vocab = None
+
+        self.started_at = time.time()
+        self.idle_since = time.time()
+        self.total_gens = 0
+        self.last_result: Optional[Result] = None
+        self.last_genkey = ""
+        self.last_input_count = 0
+        self.shift_count = 0  # tokens kept by ContextShift instead of reprocessed (for tests and perf)
+        self.last_reprocessed = 0
+
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    # ---------- public API (any thread) ----------
+
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> List[int]:
+        return self.tok.tokenize(text, add_bos, special)
+
+    def detokenize(self, ids: List[int], special: bool = False) -> str:
+        return self.tok.detokenize(ids, special)
+
+    def token_text(self, tok: int, special: bool = False) -> str:
+        return self.tok.piece(tok, special).decode("utf-8", "replace")
+
+    def submit(self, req: GenRequest) -> Job:
+        job = Job(req)
+        with self._lock:
+            if self._stop:
+                raise QueueFull("the engine is shutting down")
+            free = self.n_slots - len(self._running)
+            if len(self._waiting) >= free + self.cfg.max_queue:
+                raise QueueFull("Server is busy; please try again later.")
+            self._waiting.append(job)
+            self._lock.notify_all()
+        return job
+
+    def jobs(self) -> List[Job]:
+        with self._lock:
+            return list(self._running) + list(self._waiting)
+
+    def queue_length(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return bool(self._running or self._waiting)
+
+    def perf(self) -> dict:
+        r = self.last_result
+        with self._lock:
+            q, idle = len(self._waiting), not (self._running or self._waiting)
+        pt = r.process_time if r else 0.0
+        et = r.eval_time if r else 0.0
+        n_in = (r.prompt_tokens - r.cached_tokens) if r else 0
+        n_out = r.completion_tokens if r else 0
+        return {
+            "last_process": round(pt * 1000 / n_in, 3) if n_in else 0,
+            "last_eval": round(et * 1000 / n_out, 3) if n_out else 0,
+            "last_token_count": n_out,
+            "last_input_count": r.prompt_tokens if r else 0,
+            "last_process_time": round(pt, 4),
+            "last_eval_time": round(et, 4),
+            "last_process_speed": round(n_in / pt, 2) if pt > 0 else 0,
+            "last_eval_speed": round(n_out / et, 2) if et > 0 else 0,
+            "last_seed": r.seed if r else 0,
+            "last_cached_tokens": r.cached_tokens if r else 0,
+            "last_draft_success": 0,
+            "last_draft_failed": 0,
+            "total_gens": self.total_gens,
+            "stop_reason": r.stop_reason if r else -1,
+            "total_img_gens": 0,
+            "total_tts_gens": 0,
+            "total_transcribe_gens": 0,
+            "queue": q,
+            "idle": 1 if idle else 0,
+            "hordeexitcounter": 0,
+            "uptime": round(time.time() - self.started_at, 2),
+            "idletime": round(time.time() - self.idle_since, 2) if idle else 0,
+            "quiet": self.cfg.quiet,
+        }
+
+    def close(self):
+        with self._lock:
+            self._stop = True
+            for j in self._waiting + self._running:
+                j.abort()
+            self._lock.notify_all()
+        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            return  # the engine thread is stuck in llama.cpp; leave the memory to the OS
+        for s in self.slots:
+            if s.sampler:
+                s.sampler.close()
+        L.llama_batch_free(self.batch)
+        L.llama_free(self.ctx)
+        L.llama_model_free(self.model)
+        with self._embed_lock:
+            if self._embed_ctx:
+                L.llama_free(self._embed_ctx)
+                self._embed_ctx = None
+            if self._embed_model:
+                L.llama_model_free(self._embed_model)
+                self._embed_model = None
+
+    # ---------- embeddings (own context, caller's thread) ----------
+
+    def embed_tokenize(self, text: str) -> List[int]:
+        with self._embed_lock:
+            self._ensure_embed_ctx()
+            return _Vocab(self._embed_model or self.model).tokenize(text, True, False)
+
+    def _ensure_embed_ctx(self):
+        if self._embed_ctx:
+            return
+        model = self.model
+        if self.cfg.embedding_model_path:
+            self._embed_model = _load_model(self.cfg.embedding_model_path, self.cfg.n_gpu_layers, self.cfg.use_mmap, False)
+            model = self._embed_model
+        n_train = L.llama_model_n_ctx_train(model)
+        cp = L.llama_context_default_params()
+        cp.n_ctx = min(self.n_ctx, n_train) if n_train > 0 else self.n_ctx
+        cp.n_batch = cp.n_ctx
+        cp.n_ubatch = cp.n_ctx
+        cp.n_seq_max = 1
+        cp.n_threads = self.cfg.n_threads
+        cp.n_threads_batch = self.cfg.n_threads
+        cp.embeddings = True
+        cp.pooling_type = 1  # mean
+        cp.no_perf = True
+        ctx = L.llama_init_from_model(model, cp)
+        if not ctx:
+            raise ModelLoadError("llama.cpp could not create an embeddings context")
+        self._embed_ctx = ctx
+        self._embed_nctx = cp.n_ctx
+        self._embed_dim = L.llama_model_n_embd(model)
+
+    def embed(self, inputs: List[List[int]]) -> List[List[float]]:
+        """One mean-pooled, L2-normalised vector per token list (lists longer than the context are cut)."""
+        out = []
+        with self._embed_lock:
+            self._ensure_embed_ctx()
+            ctx = self._embed_ctx
+            mem = L.llama_get_memory(ctx)
+            batch = L.llama_batch_init(self._embed_nctx, 0, 1)
+            try:
+                for toks in inputs:
+                    toks = list(toks)[: self._embed_nctx] or [0]
+                    L.llama_memory_clear(mem, True)
+                    batch.n_tokens = len(toks)
+                    for i, t in enumerate(toks):
+                        batch.token[i] = int(t)
+                        batch.pos[i] = i
+                        batch.n_seq_id[i] = 1
+                        batch.seq_id[i][0] = 0
+                        batch.logits[i] = 1
+                    if L.llama_decode(ctx, batch) != 0:
+                        raise RuntimeError("llama.cpp failed to compute the embedding")
+                    ptr = L.llama_get_embeddings_seq(ctx, 0)
+                    v = np.array(np.ctypeslib.as_array(ptr, shape=(self._embed_dim,)), dtype=np.float64)
+                    n = np.linalg.norm(v)
+                    out.append((v / n if n > 0 else v).tolist())
+            finally:
+                L.llama_batch_free(batch)
+        return out
+
+    # ---------- engine thread ----------
+
+    def _loop(self):
+        while True:
+            with self._lock:
+                while not self._stop and not self._waiting and not any(s.job for s in self.slots):
+                    self._lock.wait()
+                if self._stop and not any(s.job for s in self.slots):
+                    for j in self._waiting:
+                        j.finish(self._result_for_unstarted(j))
+                    self._waiting.clear()
+                    return
+                self._assign_waiting()
+            try:
+                self._step()
+            except Exception as e:  # a failed step ends the jobs in it, never the engine
+                import traceback
+                traceback.print_exc()
+                for s in self.slots:
+                    if s.job:
+                        self._finish(s, "stop", -1, error=f"generation failed: {e}")
+
+    def _result_for_unstarted(self, job: Job) -> Result:
+        return Result(text="", finish_reason="abort", stop_reason=-1, prompt_tokens=0, completion_tokens=0)
+
+    def _assign_waiting(self):
+        """Move waiting jobs into free slots (called with the lock held)."""
+        while self._waiting:
+            free = [s for s in self.slots if s.job is None]
+            if not free:
+                return
+            job = self._waiting.pop(0)
+            if job.aborted.is_set():
+                job.finish(self._result_for_unstarted(job))
+                continue
+            try:
+                prompt = self._build_prompt(job.request)
+            except Exception as e:
+                job.finish(Result(text="", finish_reason="stop", stop_reason=-1, prompt_tokens=0,
+                                  completion_tokens=0, error=str(e)))
+                continue
+            slot = max(free, key=lambda s: (self._common_prefix(s.cache, prompt), -s.last_used))
+            self._running.append(job)
+            try:
+                self._start(slot, job, prompt)
+            except Exception as e:
+                self._running.remove(job)
+                slot.job = None
+                job.finish(Result(text="", finish_reason="stop", stop_reason=-1, prompt_tokens=len(prompt),
+                                  completion_tokens=0, error=str(e)))
+
+    @staticmethod
+    def _common_prefix(a: List[int], b: List[int]) -> int:
+        n = min(len(a), len(b))
+        if n == 0:
+            return 0
+        aa = np.asarray(a[:n], dtype=np.int64)
+        bb = np.asarray(b[:n], dtype=np.int64)
+        diff = np.flatnonzero(aa != bb)
+        return int(diff[0]) if len(diff) else n
+
+    def budget(self, req: GenRequest):
+        """(context, generation budget) for a request, as KoboldCpp computes them."""
+        n_ctx = max(16, min(int(req.max_context_length or self.n_ctx), self.n_ctx))
+        max_new = max(1, int(req.max_length))
+        reserve = max(16, n_ctx // 5)  # always leave room for some prompt
+        if max_new > n_ctx - reserve:
+            max_new = max(1, n_ctx - reserve)
+        return n_ctx, max_new
+
+    def _build_prompt(self, req: GenRequest) -> List[int]:
+        n_ctx, max_new = self.budget(req)
+        if isinstance(req.prompt, list):
+            body = [int(t) for t in req.prompt]
+            bad = [t for t in body if not 0 <= t < self.n_vocab]
+            if bad:
+                raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
+            mem = self.tokenize(req.memory, add_bos=False, special=req.tokenize_special) if req.memory else []
+            bos = []
+        else:
+            add_bos = req.add_bos and L.llama_vocab_get_add_bos(self.vocab)
+            bos = [L.llama_vocab_bos(self.vocab)] if add_bos else []
+            mem = self.tokenize(req.memory, add_bos=False, special=req.tokenize_special) if req.memory else []
+            body = self.tokenize(req.prompt, add_bos=False, special=req.tokenize_special) if req.prompt else []
+        room = n_ctx - max_new - len(bos)
+        if len(mem) > room:
+            mem = mem[len(mem) - room:] if room > 0 else []
+        room -= len(mem)
+        if len(body) > room:
+            body = body[len(body) - room:] if room > 0 else []
+        prompt = bos + mem + body
+        if not prompt:  # an empty prompt still needs one token to start from
+            prompt = [L.llama_vocab_bos(self.vocab)]
+        return prompt
+
+    def _start(self, slot: _Slot, job: Job, prompt: List[int]):
+        req = job.request
+        slot.reset_job()
+        slot.job = job
+        slot.prompt = prompt
+        slot.t_start = time.monotonic()
+        _, slot.max_new = self.budget(req)
+        slot.max_new = min(slot.max_new, self.n_ctx - len(prompt))
+        seed = req.sampling.seed
+        slot.seed = seed if seed is not None and seed >= 0 else random.randint(0, 2**31 - 1)
+        slot.stream = TextStream(req.stop, req.trim_stop)
+        slot.sampler = SamplerChain(self.vocab, self.n_vocab, self.n_ctx_train, self.eog_ids, req.sampling, prompt, slot.seed)
+
+        keep = self._common_prefix(slot.cache, prompt) if self.cfg.fastforward else 0
+        if keep >= len(prompt):
+            keep = len(prompt) - 1  # re-decode the last prompt token to get fresh logits
+        if self.cfg.fastforward and self.cfg.contextshift and self.can_shift:
+            keep = self._context_shift(slot, prompt, keep)
+        if keep < len(slot.cache):
+            if not L.llama_memory_seq_rm(self.mem, slot.seq, keep, -1):
+                L.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+                keep = 0
+            del slot.cache[keep:]
+        slot.n_prompt_done = keep
+        slot.cached = keep
+        self.last_reprocessed = len(prompt) - keep
+        job.started.set()
+
+    def _context_shift(self, slot: _Slot, prompt: List[int], keep: int) -> int:
+        """If the new prompt is the cached one with a span removed right after the common prefix (a chat client
+        dropping its oldest turns), delete that span from the KV cache and shift the rest down."""
+        cache = slot.cache
+        tail = prompt[keep:]
+        if len(tail) < 32 or len(cache) - keep < 32:
+            return keep
+        probe = tail[:16]
+        arr = np.asarray(cache, dtype=np.int64)
+        first = np.flatnonzero(arr[keep:] == probe[0]) + keep
+        for start in first:
+            start = int(start)
+            if start == keep or cache[start:start + len(probe)] != probe:
+                continue
+            run = self._common_prefix(cache[start:], tail)
+            if run < 32:
+                continue
+            erased = start - keep
+            if not L.llama_memory_seq_rm(self.mem, slot.seq, keep, start):
+                return keep
+            L.llama_memory_seq_add(self.mem, slot.seq, start, -1, -erased)
+            del cache[keep:start]
+            self.shift_count += run
+            if not self.cfg.quiet:
+                print(f"[ContextShift: erased {erased} tokens, kept {run} cached]", flush=True)
+            return min(keep + run, len(prompt) - 1)
+        return keep
+
+    def _step(self):
+        b = self.batch
+        n = 0
+        rows = []  # (slot, batch index) that need sampling after this decode
+        for s in self.slots:  # one token for every generating slot
+            if s.job is None or s.prefilling or s.pending is None:
+                continue
+            if s.job.aborted.is_set():
+                self._finish(s, "abort", -1)
+                continue
+            self._put(b, n, s.pending, len(s.cache), s.seq, True)
+            s.cache.append(s.pending)
+            s.pending = None
+            rows.append((s, n))
+            n += 1
+        for s in self.slots:  # then prompt chunks with what room is left
+            if not s.prefilling:
+                continue
+            if s.job.aborted.is_set():
+                self._finish(s, "abort", -1)
+                continue
+            room = self.n_batch - n
+            if room <= 0:
+                break
+            take = s.prompt[s.n_prompt_done: s.n_prompt_done + room]
+            last = s.n_prompt_done + len(take) == len(s.prompt)
+            for i, t in enumerate(take):
+                out = last and i == len(take) - 1
+                self._put(b, n, t, len(s.cache), s.seq, out)
+                s.cache.append(t)
+                if out:
+                    rows.append((s, n))
+                n += 1
+            s.n_prompt_done += len(take)
+        if n == 0:
+            return
+        b.n_tokens = n
+        rc = L.llama_decode(self.ctx, b)
+        if rc != 0:
+            for s in {id(s): s for s, _ in rows}.values():
+                pass
+            for s in self.slots:
+                if s.job:
+                    # the cache no longer matches what we think: start this sequence over next time
+                    L.llama_memory_seq_rm(self.mem, s.seq, -1, -1)
+                    s.cache = []
+                    self._finish(s, "stop", -1, error=f"llama_decode failed ({rc})")
+            return
+        for s, idx in rows:
+            if s.job is None:
+                continue
+            self._sample(s, idx)
+
+    @staticmethod
+    def _put(b, i, tok, pos, seq, logits):
+        b.token[i] = tok
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq
+        b.logits[i] = 1 if logits else 0
+
+    def _sample(self, s: _Slot, idx: int):
+        job = s.job
+        req = job.request
+        if not s.generated and not s.t_first:
+            s.t_first = time.monotonic()
+        if job.aborted.is_set():
+            self._finish(s, "abort", -1)
+            return
+        tok = s.sampler.sample(self.ctx, idx)
+        lp = self._logprob(idx, tok, req.top_logprobs) if req.logprobs else None
+        s.generated.append(tok)
+        is_eog = L.llama_vocab_is_eog(self.vocab, tok)
+        if is_eog and not req.bypass_eos:
+            if lp is not None:
+                s.logprobs.append(lp)
+            tail = s.stream.flush()
+            job.emit_text(tail)
+            self._finish(s, "stop", 1)
+            return
+        piece = b"" if (is_eog and not req.render_special) else self.tok.piece(tok, req.render_special)
+        text, stopped = s.stream.feed(piece)
+        if lp is not None:
+            s.logprobs.append(lp)
+        job.emit_text(text, [lp] if lp is not None else None)
+        if stopped:
+            self._finish(s, "stop", 2)
+            return
+        if len(s.generated) >= s.max_new or len(s.cache) + 1 >= self.n_ctx:
+            job.emit_text(s.stream.flush())
+            self._finish(s, "length", 0)
+            return
+        s.pending = tok
+
+    def _logprob(self, idx: int, tok: int, top: int) -> TokenLogprob:
+        ptr = L.llama_get_logits_ith(self.ctx, idx)
+        x = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
+        m = x.max()
+        lse = m + np.log(np.exp(x - m).sum())
+        alts = []
+        if top > 0:
+            k = min(top, self.n_vocab)
+            cand = np.argpartition(-x, k - 1)[:k]
+            cand = cand[np.argsort(-x[cand], kind="stable")]
+            for c in cand:
+                pb = self.tok.piece(int(c), True)
+                alts.append((pb.decode("utf-8", "replace"), float(x[c] - lse), list(pb)))
+        pb = self.tok.piece(tok, True)
+        return TokenLogprob(token=pb.decode("utf-8", "replace"), logprob=float(x[tok] - lse), bytes=list(pb), top=alts)
+
+    def _finish(self, s: _Slot, reason: str, stop_reason: int, error: Optional[str] = None):
+        job = s.job
+        if job is None:
+            return
+        now = time.monotonic()
+        t_first = s.t_first or now
+        if s.pending is not None:  # sampled but never decoded: not in the cache
+            s.pending = None
+        res = Result(
+            text=s.stream.result_text if s.stream else "",
+            finish_reason=reason,
+            stop_reason=stop_reason,
+            prompt_tokens=len(s.prompt),
+            completion_tokens=len(s.generated),
+            cached_tokens=s.cached,
+            stop_string=s.stream.stop_hit if s.stream else None,
+            logprobs=s.logprobs if job.request.logprobs else None,
+            seed=s.seed,
+            process_time=t_first - s.t_start,
+            eval_time=now - t_first,
+            error=error,
+        )
+        if s.sampler:
+            s.sampler.close()
+        s.job = None
+        s.last_used = now
+        s.reset_job()
+        with self._lock:
+            if job in self._running:
+                self._running.remove(job)
+            self.total_gens += 1
+            self.last_result = res
+            self.last_genkey = job.genkey
+            if not self._running and not self._waiting:
+                self.idle_since = time.time()
+        job.finish(res)

@@ -1,0 +1,262 @@
+"""Per-request llama.cpp sampler chains, plus numpy passes for the samplers llama.cpp lacks.
+
+The numpy passes (top-a, tail-free, repetition-penalty slope, smoothing) run as llama.cpp custom samplers over the
+candidate array, only when a request asks for them; everything else stays in C.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+import llama_cpp as L
+
+from .jobs import SamplingParams
+
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")], align=True)
+assert _TOKEN_DATA.itemsize == ctypes.sizeof(L.llama_token_data)
+NEG_INF = np.float32(-np.inf)
+
+
+def _candidates(cur_p) -> np.ndarray:
+    arr = cur_p.contents
+    n = int(arr.size)
+    if n == 0:
+        return np.empty(0, dtype=_TOKEN_DATA)
+    buf = (ctypes.c_char * (n * _TOKEN_DATA.itemsize)).from_address(ctypes.addressof(arr.data.contents))
+    return np.frombuffer(buf, dtype=_TOKEN_DATA, count=n)
+
+
+def _probs(logits: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(logits)
+    if not finite.any():
+        return np.zeros_like(logits)
+    m = logits[finite].max()
+    e = np.where(finite, np.exp(logits - m), 0.0)
+    return e / e.sum()
+
+
+# --- numpy samplers: each takes the candidate record array and edits logits in place ---
+
+def top_a(c: np.ndarray, a: float):
+    p = _probs(c["logit"])
+    if len(p):
+        c["logit"][p < a * p.max() ** 2] = NEG_INF
+
+
+def tail_free(c: np.ndarray, z: float):
+    if len(c) < 3:
+        return
+    logits = c["logit"]
+    order = np.argsort(-logits, kind="stable")
+    p = _probs(logits[order])
+    d2 = np.abs(np.diff(p, n=2))
+    total = d2.sum()
+    if total <= 0:
+        return
+    cum = np.cumsum(d2 / total)
+    keep = int(np.searchsorted(cum, z, side="right")) + 1  # first index past z, plus one as in the TFS paper
+    keep = max(1, min(keep, len(order)))
+    logits[order[keep:]] = NEG_INF
+
+
+def smoothing(c: np.ndarray, factor: float, curve: float):
+    """Quadratic (and cubic, by curve) smoothing around the top logit."""
+    logits = c["logit"]
+    finite = np.isfinite(logits)
+    if not finite.any():
+        return
+    h = logits[finite].max()
+    d = logits[finite] - h
+    k = (3.0 - curve) / 2.0
+    s = (curve - 1.0) / 2.0
+    logits[finite] = (-(k * factor * d * d) + (s * factor * d * d * d) + h).astype(np.float32)
+
+
+def sloped_rep_pen(c: np.ndarray, history: Sequence[int], pen: float, rng: int, slope: float, presence: float):
+    """Repetition penalty over the last `rng` tokens; the older half of the window gets `slope` of the penalty."""
+    window = list(history[-rng:]) if rng > 0 else list(history)
+    if not window or (pen == 1.0 and presence == 0.0):
+        return
+    half = len(window) // 2
+    weights = {}
+    for i, tok in enumerate(window):
+        w = 1.0 if i >= half else slope
+        if w > weights.get(tok, -1.0):
+            weights[tok] = w
+    ids = c["id"]
+    if len(ids) and ids[-1] == len(ids) - 1 and ids[0] == 0:  # untouched full-vocab array: index == id
+        toks = np.fromiter(weights.keys(), dtype=np.int64)
+        toks = toks[toks < len(ids)]
+        idx = toks
+    else:
+        pos = {int(t): i for i, t in enumerate(ids)}
+        idx = np.array([pos[t] for t in weights if t in pos], dtype=np.int64)
+    if not len(idx):
+        return
+    w = np.array([weights[int(ids[i])] for i in idx], dtype=np.float32)
+    p = 1.0 + (pen - 1.0) * w
+    lg = c["logit"][idx]
+    lg = np.where(lg > 0, lg / p, lg * p) - presence
+    c["logit"][idx] = lg.astype(np.float32)
+
+
+class _PySampler:
+    """A llama.cpp sampler whose `apply` is a Python function over the candidate array."""
+
+    def __init__(self, fn, accept=None):
+        self._fn = fn
+        self._accept_fn = accept
+
+        def apply(smpl, cur_p):
+            try:
+                fn(_candidates(cur_p))
+            except Exception:  # never let a Python error unwind through C
+                pass
+
+        def accept(smpl, tok):
+            if self._accept_fn:
+                self._accept_fn(int(tok))
+
+        iface = L.llama_sampler_i()
+        self._apply = L.llama_sampler_i_apply(apply)
+        self._acc = L.llama_sampler_i_accept(accept)
+        iface.apply = self._apply
+        iface.accept = self._acc
+        self._iface = iface
+        self.ptr = L.llama_sampler_init(ctypes.pointer(iface), None)
+
+
+class SamplerChain:
+    """Owns a llama.cpp sampler chain for one request."""
+
+    def __init__(self, vocab, n_vocab: int, n_ctx_train: int, eog_ids: List[int], params: SamplingParams,
+                 prompt_tokens: Sequence[int], seed: int):
+        self.chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        self._py: List[_PySampler] = []  # keeps the Python callbacks alive as long as the chain
+        self._keep = []  # ctypes buffers that must outlive the chain
+        self.history: List[int] = list(prompt_tokens)
+        self.greedy = params.temperature <= 0 or params.top_k == 1
+        p = params
+
+        bias = {}
+        for tok, b in (p.logit_bias or {}).items():
+            if 0 <= int(tok) < n_vocab:
+                bias[int(tok)] = float(b)
+        if p.ban_eos:
+            for t in eog_ids:
+                bias[t] = float("-inf")
+        if bias:
+            arr = (L.llama_logit_bias * len(bias))()
+            for i, (tok, b) in enumerate(bias.items()):
+                arr[i].token = tok
+                arr[i].bias = b
+            self._keep.append(arr)
+            self._add(L.llama_sampler_init_logit_bias(n_vocab, len(bias), arr))
+
+        if p.grammar:
+            g = L.llama_sampler_init_grammar(vocab, p.grammar.encode("utf-8"), b"root")
+            if not g:
+                self.close()
+                raise ValueError("the grammar could not be parsed")
+            self._add(g)
+
+        def add_rep_pen():
+            if p.rep_pen_slope not in (0.0, 1.0) and p.rep_pen != 1.0:
+                self._add_py(lambda c: sloped_rep_pen(c, self.history, p.rep_pen, p.rep_pen_range, p.rep_pen_slope,
+                                                      p.presence_penalty))
+                if p.frequency_penalty:
+                    self._add_penalties(0, 1.0, p.frequency_penalty, 0.0, prompt_tokens)
+            elif p.rep_pen != 1.0 or p.presence_penalty or p.frequency_penalty:
+                rng = p.rep_pen_range if p.rep_pen_range > 0 else n_ctx_train
+                self._add_penalties(rng, p.rep_pen, p.frequency_penalty, p.presence_penalty, prompt_tokens)
+            if p.dry_multiplier > 0:
+                breakers = [b.encode("utf-8") for b in p.dry_sequence_breakers if isinstance(b, str)]
+                carr = (ctypes.c_char_p * len(breakers))(*breakers) if breakers else None
+                self._keep.append(carr)
+                dry = L.llama_sampler_init_dry(vocab, n_ctx_train, p.dry_multiplier, p.dry_base,
+                                               p.dry_allowed_length, p.dry_penalty_last_n, carr, len(breakers))
+                for t in prompt_tokens[-max(p.dry_penalty_last_n, 0) or None:]:
+                    L.llama_sampler_accept(dry, t)
+                self._add(dry)
+
+        if self.greedy:
+            add_rep_pen()
+            self._add(L.llama_sampler_init_greedy())
+            return
+        if p.mirostat in (1, 2):
+            add_rep_pen()
+            self._add(L.llama_sampler_init_temp(max(p.temperature, 1e-4)))
+            if p.mirostat == 1:
+                self._add(L.llama_sampler_init_mirostat(n_vocab, seed, p.mirostat_tau, p.mirostat_eta, 100))
+            else:
+                self._add(L.llama_sampler_init_mirostat_v2(seed, p.mirostat_tau, p.mirostat_eta))
+            return
+
+        order = [i for i in p.sampler_order if isinstance(i, int) and 0 <= i <= 6]
+        seen = []
+        for i in order + [6, 0, 1, 3, 4, 2, 5]:  # anything the client left out still runs, in the default order
+            if i not in seen:
+                seen.append(i)
+        for sid in seen:
+            if sid == 6:
+                add_rep_pen()
+            elif sid == 0 and p.top_k > 0:
+                self._add(L.llama_sampler_init_top_k(p.top_k))
+            elif sid == 1 and p.top_a > 0:
+                self._add_py(lambda c: top_a(c, p.top_a))
+            elif sid == 2:
+                if 0 < p.top_p < 1:
+                    self._add(L.llama_sampler_init_top_p(p.top_p, 1))
+                if p.min_p > 0:
+                    self._add(L.llama_sampler_init_min_p(p.min_p, 1))
+            elif sid == 3 and 0 < p.tfs < 1:
+                self._add_py(lambda c: tail_free(c, p.tfs))
+            elif sid == 4 and 0 < p.typical < 1:
+                self._add(L.llama_sampler_init_typical(p.typical, 1))
+            elif sid == 5:
+                if p.nsigma > 0:
+                    self._add(L.llama_sampler_init_top_n_sigma(p.nsigma))
+                if p.smoothing_factor > 0:
+                    self._add_py(lambda c: smoothing(c, p.smoothing_factor, p.smoothing_curve))
+                if p.dynatemp_range > 0:
+                    self._add(L.llama_sampler_init_temp_ext(p.temperature, p.dynatemp_range, p.dynatemp_exponent))
+                elif p.temperature != 1.0:
+                    self._add(L.llama_sampler_init_temp(p.temperature))
+        if p.xtc_probability > 0:
+            self._add(L.llama_sampler_init_xtc(p.xtc_probability, p.xtc_threshold, 1, seed))
+        self._add(L.llama_sampler_init_dist(seed))
+
+    def _add(self, smpl):
+        L.llama_sampler_chain_add(self.chain, smpl)
+
+    def _add_penalties(self, last_n, repeat, freq, present, prompt_tokens):
+        pen = L.llama_sampler_init_penalties(last_n, repeat, freq, present)
+        window = prompt_tokens[-last_n:] if last_n > 0 else prompt_tokens
+        for t in window:
+            L.llama_sampler_accept(pen, t)
+        self._add(pen)
+
+    def _add_py(self, fn):
+        s = _PySampler(fn)
+        self._py.append(s)
+        self._add(s.ptr)
+
+    def sample(self, ctx, idx: int) -> int:
+        tok = L.llama_sampler_sample(self.chain, ctx, idx)
+        self.history.append(tok)
+        return tok
+
+    def close(self):
+        if self.chain is not None:
+            # custom samplers came from llama_sampler_init with no free(): the chain frees their structs
+            L.llama_sampler_free(self.chain)
+            self.chain = None
+            self._py.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
