@@ -31,8 +31,11 @@ def _package():
 
 def is_available() -> bool:
     """Whether the bundled model's package is installed (cheap; assembles nothing)."""
-    import importlib.util
-    return importlib.util.find_spec(_MODULE) is not None
+    try:
+        _package()
+        return True
+    except GGUFError:
+        return False
 
 
 def default_model_path(cache_dir=None) -> Path:
