@@ -16,6 +16,7 @@ from tinymodel import CHATML_TEMPLATE, tiny_model_path, write_broken_models, wri
 
 def test_tiny_model_metadata():
     path = tiny_model_path()
+    assert tiny_model_path() == path  # written once per session
     info = gguf_loader.inspect(path)
     assert isinstance(info, ModelInfo)
     assert info.path == path and info.file_size == os.path.getsize(path)
