@@ -137,6 +137,7 @@ class SamplerChain:
         self._py: List[_PySampler] = []  # keeps the Python callbacks alive as long as the chain
         self._keep = []  # ctypes buffers that must outlive the chain
         self.history: List[int] = list(prompt_tokens)
+        self.n_vocab = n_vocab
         self.greedy = params.temperature <= 0 or params.top_k == 1
         p = params
 
@@ -175,7 +176,7 @@ class SamplerChain:
                 breakers = [b.encode("utf-8") for b in p.dry_sequence_breakers if isinstance(b, str)]
                 carr = (ctypes.c_char_p * len(breakers))(*breakers) if breakers else None
                 self._keep.append(carr)
-                dry = L.llama_sampler_init_dry(vocab, n_ctx_train, p.dry_multiplier, p.dry_base,
+                dry = L.llama_sampler_init_dry(vocab, p.dry_multiplier, p.dry_base,
                                                p.dry_allowed_length, p.dry_penalty_last_n, carr, len(breakers))
                 for t in prompt_tokens[-max(p.dry_penalty_last_n, 0) or None:]:
                     L.llama_sampler_accept(dry, t)
@@ -232,7 +233,7 @@ class SamplerChain:
         L.llama_sampler_chain_add(self.chain, smpl)
 
     def _add_penalties(self, last_n, repeat, freq, present, prompt_tokens):
-        pen = L.llama_sampler_init_penalties(last_n, repeat, freq, present)
+        pen = L.llama_sampler_init_penalties(self.n_vocab, last_n, repeat, freq, present)
         window = prompt_tokens[-last_n:] if last_n > 0 else prompt_tokens
         for t in window:
             L.llama_sampler_accept(pen, t)
