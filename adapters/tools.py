@@ -1,0 +1,129 @@
+"""Tool (function) calling for models without native tool tags: grammar-forced JSON calls.
+
+Forced calls (tool_choice names a function, or "required") generate under a GBNF grammar built from the tools'
+parameter schemas, so the arguments always parse and match the schema. "auto" first asks the model a short
+grammar-constrained question (which tool, or none), as KoboldCpp does, then forces that call or answers normally.
+"""
+from __future__ import annotations
+
+import json
+import random
+from typing import List, Optional
+
+from adapters.errors import BadRequest
+
+JSON_OBJECT_SCHEMA = {"type": "object"}
+
+
+def validate_tools(tools, tool_choice):
+    """-> (tools list, choice) where choice is "none" | "auto" | "required" | a function name."""
+    if tools is None:
+        tools = []
+    if not isinstance(tools, list):
+        raise BadRequest("'tools' must be an array of {type: 'function', function: {...}} objects")
+    names = []
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict):
+            raise BadRequest(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}")
+        name = fn.get("name")
+        if not isinstance(name, str) or not name:
+            raise BadRequest(f"tools[{i}].function.name must be a non-empty string")
+        params = fn.get("parameters", JSON_OBJECT_SCHEMA)
+        if params is not None and not isinstance(params, dict):
+            raise BadRequest(f"tools[{i}].function.parameters must be a JSON schema object")
+        names.append(name)
+    if tool_choice is None:
+        choice = "auto" if tools else "none"
+    elif isinstance(tool_choice, str):
+        if tool_choice not in ("none", "auto", "required"):
+            raise BadRequest("'tool_choice' must be 'none', 'auto', 'required' or {type: 'function', function: {name}}")
+        choice = tool_choice
+    elif isinstance(tool_choice, dict):
+        fn = tool_choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else tool_choice.get("name")
+        if not isinstance(name, str):
+            raise BadRequest("'tool_choice.function.name' must be a string")
+        choice = name
+    else:
+        raise BadRequest("'tool_choice' must be a string or an object")
+    if choice not in ("none", "auto") and not tools:
+        raise BadRequest("'tool_choice' needs a non-empty 'tools' list")
+    if choice not in ("none", "auto", "required") and choice not in names:
+        raise BadRequest(f"'tool_choice' names the function {choice!r}, which is not in 'tools'")
+    return tools, choice
+
+
+def tool_schema(tool: dict) -> dict:
+    return tool["function"].get("parameters") or JSON_OBJECT_SCHEMA
+
+
+def tools_text(tools: List[dict]) -> str:
+    """The tool list as the model sees it (kept in memory so trimming never drops it)."""
+    lines = ["### Available Tools:"]
+    for t in tools:
+        fn = t["function"]
+        lines.append(json.dumps({"name": fn["name"], "description": fn.get("description", ""),
+                                 "parameters": tool_schema(t)}, ensure_ascii=False))
+    return "\n".join(lines)
+
+
+def call_instruction(names: List[str]) -> str:
+    if len(names) == 1:
+        return (f"Call the function {names[0]}. Reply only with JSON: "
+                f'{{"name": "{names[0]}", "arguments": {{...}}}}')
+    return ("Call one of the functions " + ", ".join(names) + '. Reply only with JSON: {"name": ..., "arguments": {...}}')
+
+
+def call_grammar(tools: List[dict], names: List[str]) -> str:
+    """GBNF for one call object {"name": <one of names>, "arguments": <that tool's parameters>}."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+    by_name = {t["function"]["name"]: t for t in tools}
+    variants = [{"type": "object", "properties": {"name": {"const": n}, "arguments": tool_schema(by_name[n])},
+                 "required": ["name", "arguments"], "additionalProperties": False} for n in names]
+    schema = variants[0] if len(variants) == 1 else {"oneOf": variants}
+    try:
+        return json_schema_to_gbnf(json.dumps(schema), prop_order=["name", "arguments"])
+    except Exception as e:  # the converter raises assorted errors on schemas it cannot express
+        raise BadRequest(f"cannot build a grammar from the tool parameters: {e}")
+
+
+def decision_grammar(names: List[str]) -> str:
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+    schema = {"type": "object", "properties": {"tool": {"enum": list(names) + ["none"]}},
+              "required": ["tool"], "additionalProperties": False}
+    return json_schema_to_gbnf(json.dumps(schema))
+
+
+def decision_instruction(names: List[str]) -> str:
+    return ("Decide whether answering the last message needs one of the tools (" + ", ".join(names) +
+            '). Reply only with JSON: {"tool": "<tool name>"} or {"tool": "none"}.')
+
+
+def parse_decision(text: str, names: List[str]) -> Optional[str]:
+    try:
+        v = json.loads(text, strict=False).get("tool")
+    except (ValueError, AttributeError):
+        return None
+    return v if v in names else None
+
+
+def new_call_id() -> str:
+    return "call_" + "".join(random.choice("0123456789abcdefghijklmnopqrstuvwxyz") for _ in range(24))
+
+
+def parse_call(text: str) -> Optional[List[dict]]:
+    """Generated JSON -> OpenAI tool_calls (arguments as a JSON string), or None if it did not complete."""
+    try:
+        obj = json.loads(text, strict=False)
+    except ValueError:
+        return None
+    calls = obj if isinstance(obj, list) else [obj]
+    out = []
+    for c in calls:
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str):
+            return None
+        args = c.get("arguments", {})
+        out.append({"id": new_call_id(), "type": "function",
+                    "function": {"name": c["name"], "arguments": json.dumps(args, ensure_ascii=False)}})
+    return out
