@@ -830,6 +830,177 @@ def r_klite_file(h, rel: str):
 
 
 # ==== OpenAI / Ollama routes (begin) ====
+# Thin handlers: parsing, prompts and shapes live in adapters/openai.py, ollama.py, instruct.py, openapi.py.
+from adapters import ollama as ollama_api, openai as openai_api, openapi as openapi_doc
+
+
+def openai_setup(args, engine):
+    """Resolve the chat adapter (printing the choice) and build the OpenAI context. -> error message or None."""
+    import dataclasses
+    from adapters import instruct
+    try:
+        name, adapter = instruct.load_adapter(args.chatcompletionsadapter, engine.chat_template)
+    except instruct.AdapterError as e:
+        return f"--chatcompletionsadapter: {e}"
+    jinja = bool(args.jinja and engine.chat_template)
+    if args.jinja and not jinja:
+        print("--jinja: the model has no chat template; using the instruct adapter instead.")
+    print(f"Chat completions adapter: {name}" + (" (--jinja: chat uses the model's own template)" if jinja else ""))
+
+    def make_request(native: dict):
+        return kobold.parse_generate(native, dataclasses.replace(STATE.defaults, instruct_tags=adapter))
+
+    STATE.instruct_tags = STATE.defaults.instruct_tags = adapter
+    STATE.extra["openai"] = openai_api.Context(
+        engine=engine, model_name=STATE.model_name, adapter_name=name, adapter=adapter, use_jinja=jinja,
+        default_max_length=args.defaultgenamt, make_request=make_request)
+    STATE.extra["sdurl"] = args.sdurl or os.environ.get("SD_WEBUI_URL") or None
+    return None
+
+
+def _oa():
+    return STATE.extra["openai"]
+
+
+def _pump(h, chunks, ndjson=False):
+    """Write an adapter's chunk iterator; None items are idle ticks where we look for a vanished client."""
+    if ndjson:
+        h.status_sent = 200
+        h.close_connection = True
+        h.send_response(200)
+        h._cors()
+        h.send_header("Content-Type", "application/x-ndjson")
+        h.send_header("Cache-Control", "no-cache")
+        h.send_header("Connection", "close")
+        h.end_headers()
+    else:
+        h.start_sse()
+    try:
+        for c in chunks:
+            if c is None:
+                if h.client_gone():
+                    raise ClientGone()
+            else:
+                h.write(c)
+    finally:
+        getattr(chunks, "close", lambda: None)()
+
+
+def _run_plan(h, plan):
+    if plan.stream:
+        _pump(h, openai_api.start_stream(plan, STATE.engine))
+    else:
+        h.send_json(200, openai_api.run_blocking(plan, STATE.engine, h.client_gone))
+
+
+@route("POST", "/v1/chat/completions", auth=True, dialect="openai")
+@route("POST", "/chat/completions", auth=True, dialect="openai")
+def r_oa_chat(h):
+    _run_plan(h, openai_api.parse_chat(h.json(), _oa()))
+
+
+@route("POST", "/v1/completions", auth=True, dialect="openai")
+@route("POST", "/v1/completion", auth=True, dialect="openai")
+@route("POST", "/completions", auth=True, dialect="openai")
+def r_oa_completions(h):
+    _run_plan(h, openai_api.parse_completion(h.json(), _oa()))
+
+
+@route("GET", "/v1/models", dialect="openai")
+@route("GET", "/models", dialect="openai")
+def r_oa_models(h):
+    h.send_json(200, openai_api.models_list(STATE.model_name))
+
+
+@route("GET", "/v1/engines", dialect="openai")
+def r_oa_engines(h):
+    h.send_json(200, openai_api.engines_list(STATE.model_name))
+
+
+@route("POST", "/v1/embeddings", auth=True, dialect="openai")
+@route("POST", "/api/extra/embeddings", auth=True, dialect="openai")
+def r_oa_embeddings(h):
+    h.send_json(200, openai_api.run_embeddings(h.json(), _oa()))
+
+
+@route("POST", "/v1/edits", auth=True, dialect="openai")
+def r_oa_edits(h):
+    plan = openai_api.parse_edit(h.json(), _oa())
+    h.send_json(200, openai_api.edit_response(openai_api.run_blocking(plan, STATE.engine, h.client_gone)))
+
+
+@route("POST", "/v1/moderations", auth=True, dialect="openai")
+def r_oa_moderations(h):
+    h.send_json(200, openai_api.moderation(h.json(), _oa()))
+
+
+@route("POST", "/v1/images/generations", auth=True, dialect="openai")
+@route("POST", "/images/generations", auth=True, dialect="openai")
+def r_oa_images(h):
+    h.send_json(200, openai_api.image_generation(h.json(), STATE.extra.get("sdurl")))
+
+
+@route("GET", "/api/tags", dialect="ollama")
+@route("GET", "/api/ps", dialect="ollama")
+def r_ollama_tags(h):
+    h.send_json(200, ollama_api.tags(STATE.model_name, STATE.engine.model_path, STATE.engine.metadata))
+
+
+@route("GET", "/api/version", dialect="ollama")
+def r_ollama_version(h):
+    h.send_json(200, ollama_api.version())
+
+
+def _ollama_run(h, plan):
+    if plan.stream:
+        _pump(h, ollama_api.start_stream(plan, _oa()), ndjson=True)
+    else:
+        h.send_json(200, ollama_api.run_blocking(plan, _oa(), h.client_gone))
+
+
+@route("POST", "/api/generate", auth=True, dialect="ollama")
+def r_ollama_generate(h):
+    _ollama_run(h, ollama_api.parse_generate(h.json(), _oa()))
+
+
+@route("POST", "/api/chat", auth=True, dialect="ollama")
+def r_ollama_chat(h):
+    _ollama_run(h, ollama_api.parse_chat(h.json(), _oa()))
+
+
+def _openapi():
+    routes = [(m, p, r.auth, r.dialect) for (m, p), r in ROUTES.items()]
+    routes += [("GET", "/v1/models/{model}", False, "openai"), ("GET", "/v1/engines/{engine}", False, "openai"),
+               ("POST", "/v1/engines/{engine}/generate", True, "openai"),
+               ("POST", "/v1/engines/{engine}/completions", True, "openai"),
+               ("POST", "/v1/engines/{engine}/embeddings", True, "openai")]
+    return openapi_doc.build(routes, PROGRAM_VERSION)
+
+
+@route("GET", "/api/openapi.json")
+def r_openapi_json(h):
+    h.send_json(200, _openapi())
+
+
+@route("GET", "/api")
+def r_api_page(h):
+    h.send_bytes(200, openapi_doc.render_html(_openapi()).encode("utf-8"), "text/html; charset=utf-8")
+
+
+_DYNAMIC_OA = (  # (method, regex, handler, auth): routes with an id in the path
+    ("GET", re.compile(r"(?:/v1)?/models/[^/]+"), lambda h: h.send_json(200, openai_api.model_card(STATE.model_name)), False),
+    ("GET", re.compile(r"/v1/engines/[^/]+"), lambda h: h.send_json(200, openai_api.engine_card(STATE.model_name)), False),
+    ("POST", re.compile(r"/v1/engines/[^/]+/(?:generate|completions)"), r_oa_completions, True),
+    ("POST", re.compile(r"/v1/engines/[^/]+/embeddings"), r_oa_embeddings, True),
+)
+_resolve_before_openai = resolve_route
+
+
+def resolve_route(method: str, path: str) -> Route:  # noqa: F811 (adds the OpenAI routes with ids in the path)
+    for m, rx, fn, auth in _DYNAMIC_OA:
+        if m == method and rx.fullmatch(path):
+            return Route(fn, auth, "openai")
+    return _resolve_before_openai(method, path)
 # ==== OpenAI / Ollama routes (end) ====
 
 
@@ -934,6 +1105,11 @@ def serve(args: argparse.Namespace) -> int:
                         password=args.password or None, max_body=args.maxrequestsize * 1024 * 1024,
                         defaults=defaults, preloadstory=preload)
     STATE.instruct_tags = defaults.instruct_tags = _instruct_tags(args, engine)
+    oa_error = openai_setup(args, engine)  # chat adapter for the OpenAI/Ollama routes (prints the choice)
+    if oa_error:
+        httpd.server_close()
+        engine.close()
+        return _err(oa_error)
 
     shown_host = "localhost" if host in ("", "0.0.0.0", "::", "127.0.0.1", "::1") else host
     url = f"http://{shown_host if ':' not in shown_host else '[' + shown_host + ']'}:{args.port}"
