@@ -310,7 +310,8 @@ def parse_chat(body, ctx: Context) -> Plan:
         if seed is not None:
             nat["sampler_seed"] = seed
         if temp_cap is not None:
-            nat["temperature"] = min(float(body.get("temperature") or 0.5), temp_cap)
+            t = body.get("temperature", adapter.get("temperature"))
+            nat["temperature"] = min(float(t) if t is not None else 0.5, temp_cap)
         req = _make(ctx, nat)
         return _finish_request(req, body, stops, n_logprobs, grammar_)
 
@@ -397,7 +398,8 @@ def parse_completion(body, ctx: Context) -> Plan:
     for p in prompts:
         text_prompt = instruct.replace_placeholders(p, adapter) if isinstance(p, str) else p
         for s in _seeds(body, n):
-            nat = _native_dict(body, adapter, text_prompt, instruct.replace_placeholders(body.get("memory", ""), adapter)
+            nat = _native_dict(body, adapter, text_prompt if isinstance(text_prompt, str) else "",
+                               instruct.replace_placeholders(body.get("memory", ""), adapter)
                                if isinstance(body.get("memory"), str) else "", max_len, stops)
             if s is not None:
                 nat["sampler_seed"] = s
