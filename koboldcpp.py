@@ -317,6 +317,9 @@ class Handler(BaseHTTPRequestHandler):
     def state(self) -> ServerState:
         return STATE
 
+    def version_string(self):
+        return self.server_version
+
     def log_message(self, fmt, *args):  # the stdlib's per-request lines are replaced by ours
         pass
 
@@ -570,10 +573,18 @@ def r_generate(h):
     except BaseException:
         job.abort()
         raise
-    if result.error:
-        print(f"Generation error: {result.error}", file=sys.stderr)
-        raise ApiError(f"generation failed: {result.error}")
+    _raise_for_error(result, req)
     h.send_json(200, kobold.generate_response(result))
+
+
+def _raise_for_error(result, req):
+    """A job that failed answers an error instead of KoboldCpp's silent empty 200."""
+    if not result.error:
+        return
+    print(f"Generation error: {result.error}", file=sys.stderr)
+    if req.sampling.grammar and "grammar" in result.error and not result.completion_tokens:
+        raise BadRequest(f"'grammar': {result.error}")
+    raise ApiError(f"generation failed: {result.error}")
 
 
 @route("POST", "/api/extra/generate/stream", auth=True)
@@ -581,13 +592,18 @@ def r_generate_stream(h):
     req = _parse_gen(h)
     job = _submit(req)
     try:
-        h.start_sse()
+        # headers go out with the first event, so a job that fails at once still gets a JSON error
         last_check = time.monotonic()
         for ev in job.stream(poll=_DISCONNECT_CHECK_S):
             if ev.kind == "text" and ev.text:
+                if h.status_sent is None:
+                    h.start_sse()
                 h.write(kobold.stream_token(ev.text))
             elif ev.kind == "done":
-                if ev.result.error:
+                if h.status_sent is None:
+                    _raise_for_error(ev.result, req)
+                    h.start_sse()
+                elif ev.result.error:
                     print(f"Generation error: {ev.result.error}", file=sys.stderr)
                 h.write(kobold.stream_end(ev.result))
                 return
