@@ -223,6 +223,17 @@ def test_json_to_grammar(tiny):
     assert st == 200 and out["success"] is False
 
 
+def test_grammar_constrains_and_bad_grammar_is_400(tiny):
+    res = gen(tiny, prompt="hello", max_length=6, grammar='root ::= "yes" | "no"')
+    assert res["text"] in ("yes", "no") and res["finish_reason"] == "stop"
+    schema = json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]})
+    res = gen(tiny, prompt="hello", max_length=40, grammar=schema, temperature=0)
+    assert res["text"].startswith("{") and '"a"' in res["text"]
+    for path in ("/api/v1/generate", "/api/extra/generate/stream"):
+        st, _, out = post(tiny, path, {"prompt": "hi", "max_length": 4, "grammar": "root ::= nonsense("})
+        assert st == 400 and "grammar" in out["detail"]["msg"], out
+
+
 def test_sse_framing_and_close(tiny):
     c, r = open_stream(tiny, {"prompt": "hello", "max_length": 6, "temperature": 0})
     assert r.status == 200 and r.getheader("Content-Type") == "text/event-stream"
