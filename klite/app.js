@@ -365,10 +365,10 @@
     let blocks = p.blocks;
     let dropped = 0;
     let used = 0;
-    for (let round = 0; round < 4; round++) {
+    for (let round = 0; ; round++) {
       const text = blocks.join(p.joiner);
       used = await countTokens(p.memory + text);
-      if (used <= budget || blocks.length <= 1) break;
+      if (used <= budget || blocks.length <= 1 || round === 4) break;
       const memTokens = p.memory ? await countTokens(p.memory) : 0;
       const room = Math.max(1, budget - memTokens);
       const promptTokens = Math.max(1, used - memTokens);
@@ -389,8 +389,11 @@
     const pct = Math.min(100, Math.round((total / ctx) * 100));
     el["ctx-fill"].style.width = pct + "%";
     el["ctx-meter"].classList.toggle("full", total > ctx);
-    el["ctx-text"].textContent = `${used.toLocaleString("en-US")} + ${settings.max_length} / ${ctx.toLocaleString("en-US")} tokens` +
-      (dropped ? " · oldest text trimmed" : "");
+    el["ctx-text"].textContent = `${used.toLocaleString("en-US")} + ${settings.max_length} / ${ctx.toLocaleString("en-US")}`;
+    const unit = document.createElement("span");
+    unit.className = "unit";
+    unit.textContent = " tokens" + (dropped ? " · oldest text trimmed" : "");
+    el["ctx-text"].appendChild(unit);
     el["ctx-meter"].title = `The text uses ${used} tokens, ${settings.max_length} are kept free for the reply, the context holds ${ctx}.` +
       (dropped || total > ctx ? " The oldest part of the text no longer fits and is left out." : "");
   }
@@ -570,9 +573,7 @@
   }
 
   function finishMessage(reason) {
-    if (reason === "length") return "Done (reached the amount to generate or a stop sequence).";
-    if (reason === "stop") return "Done.";
-    return "Done.";
+    return reason === "length" ? "Done: reached the amount to generate." : "Done.";
   }
 
   async function showPerf() {
@@ -994,6 +995,7 @@
 
   function openSettings(open) {
     el.settings.hidden = !open;
+    $("scrim").hidden = !open;
     el["btn-settings"].setAttribute("aria-expanded", String(open));
     document.body.classList.toggle("drawer-open", open);
     if (open) el["settings-close"].focus();
@@ -1015,6 +1017,7 @@
   });
   el["btn-settings"].addEventListener("click", () => openSettings(el.settings.hidden));
   el["settings-close"].addEventListener("click", () => openSettings(false));
+  $("scrim").addEventListener("click", () => openSettings(false));
   el["settings-reset"].addEventListener("click", () => {
     settings = defaultSettings();
     if (server.maxCtx) settings.max_context_length = Math.min(settings.max_context_length, server.maxCtx);

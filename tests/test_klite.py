@@ -122,15 +122,26 @@ def shot(page, name):
 
 
 def both_widths(page, name):
-    """Screenshot at desktop and phone width; at phone width nothing may stick out sideways."""
+    """Screenshots at desktop and phone width, light and dark; at phone width nothing may stick out sideways."""
+    for scheme in ("light", "dark"):
+        page.emulate_media(color_scheme=scheme)
+        suffix = "" if scheme == "light" else "-dark"
+        page.set_viewport_size(DESKTOP)
+        shot(page, f"{name}-desktop{suffix}")
+        page.set_viewport_size(PHONE)
+        page.wait_for_timeout(100)
+        overflow = page.evaluate("document.documentElement.scrollWidth")
+        assert overflow <= PHONE["width"], f"page is {overflow}px wide at phone width"
+        shot(page, f"{name}-phone{suffix}")
+    page.emulate_media(color_scheme="light")
     page.set_viewport_size(DESKTOP)
-    shot(page, f"{name}-desktop")
-    page.set_viewport_size(PHONE)
-    page.wait_for_timeout(100)
-    overflow = page.evaluate("document.documentElement.scrollWidth")
-    assert overflow <= PHONE["width"], f"page is {overflow}px wide at phone width"
-    shot(page, f"{name}-phone")
-    page.set_viewport_size(DESKTOP)
+
+
+def capture_generations(page):
+    """The JSON bodies the page posts to the streaming endpoint, in order."""
+    bodies = []
+    page.on("request", lambda r: r.url.endswith("/api/extra/generate/stream") and bodies.append(r.post_data_json))
+    return bodies
 
 
 def stored_session(page):
@@ -221,6 +232,7 @@ def test_stop_ends_a_long_generation_within_a_second(open_page, server):
 def test_chat_keeps_turns_and_edits_in_place(open_page, server):
     page, w = open_page()
     set_settings(page, max_length=24, sampler_seed=3)
+    sent = capture_generations(page)
     tid(page, "mode").select_option("chat")
     tid(page, "user-name").fill("Alice")
     tid(page, "bot-name").fill("Bob")
@@ -247,6 +259,14 @@ def test_chat_keeps_turns_and_edits_in_place(open_page, server):
         assert "Alice:" not in reply and "\nBob:" not in reply, reply  # names are stop sequences
     sess = stored_session(page)
     assert [t["role"] for t in sess["turns"]] == ["user", "ai", "user", "ai"]
+    # the transcript goes out as "Name: text" lines ending with the bot's name, both names as stop sequences
+    body = sent[1]
+    first_reply = sess["turns"][1]["text"]
+    assert body["prompt"] == (f"Alice: Hi Bob, how are you today?\nBob: {first_reply}\n"
+                              "Alice: Tell me about the sea.\nKeep it short.\nBob:")
+    assert "\nAlice:" in body["stop_sequence"] and "\nBob:" in body["stop_sequence"]
+    assert body["max_length"] == 24 and body["sampler_seed"] == 3 and body["trim_stop"] is True
+    assert body["genkey"].startswith("KCPP") and body["genkey"][4:].isdigit()
     # Retry regenerates only the last reply; Undo brings the old one back
     last = sess["turns"][3]["text"]
     tid(page, "retry").click()
@@ -272,6 +292,7 @@ def test_chat_keeps_turns_and_edits_in_place(open_page, server):
 def test_instruct_mode_uses_the_server_adapter(open_page, server):
     page, w = open_page()
     set_settings(page, max_length=24, sampler_seed=11)
+    sent = capture_generations(page)
     tid(page, "mode").select_option("instruct")
     tid(page, "system-prompt").fill("You are a terse assistant.")
     tid(page, "input").fill("Name three colours.")
@@ -285,6 +306,10 @@ def test_instruct_mode_uses_the_server_adapter(open_page, server):
     for leak in ("{{[", "<start_of_turn>", "<end_of_turn>"):
         assert leak not in reply
     assert tid(page, "error").is_hidden()
+    # the server's adapter fills in the placeholders; the system prompt rides in memory so it is never trimmed
+    assert sent[0]["memory"] == "{{[SYSTEM]}}You are a terse assistant.{{[SYSTEM_END]}}"
+    assert sent[0]["prompt"] == "{{[INPUT]}}Name three colours.{{[INPUT_END]}}{{[OUTPUT]}}"
+    assert "{{[INPUT]}}" in sent[0]["stop_sequence"]
     both_widths(page, "instruct")
 
 
@@ -328,10 +353,14 @@ def test_save_then_load_restores_the_session(open_page, server, tmp_path):
     tid(page, "memory").fill("Setting: a lighthouse.")
     tid(page, "authors-note").fill("Keep a calm tone.")
     tid(page, "settings-close").click()
+    sent = capture_generations(page)
     tid(page, "input").fill("The keeper climbed the stairs")
     tid(page, "send").click()
     wait_idle_page(page)
     story = tid(page, "output").inner_text()
+    assert sent[0]["memory"] == "Setting: a lighthouse.\n"
+    assert sent[0]["prompt"] == "[Author's note: Keep a calm tone.]\nThe keeper climbed the stairs"
+    assert sent[0]["temperature"] == 0.3 and sent[0]["max_length"] == 8
     with page.expect_download() as dl:
         tid(page, "save").click()
     saved = tmp_path / "session.json"
@@ -402,3 +431,27 @@ def test_protected_server_asks_for_the_key_and_busy_is_shown(browser, open_page)
         finally:
             http("POST", srv.url + "/api/extra/abort", {"genkey": "KCPP9999"}, auth)
             other.join(20)
+
+
+def test_long_story_is_trimmed_from_the_front_keeping_memory(open_page, server, tmp_path):
+    page, w = open_page()
+    set_settings(page, max_context_length=256, max_length=16)
+    lines = [f"Line {i}: the tide came in and went out again over the grey stones." for i in range(60)]
+    f = tmp_path / "long.json"
+    f.write_text(json.dumps({"format": "koboldcpp-py-session", "version": 1, "session": {
+        "mode": "story", "memory": "MEMORY: the keeper is called Ada.", "turns": [{"role": "user", "text": "\n".join(lines)}]}}))
+    with page.expect_file_chooser() as fc:
+        tid(page, "load").click()
+    fc.value.set_files(str(f))
+    page.wait_for_function("document.querySelector('[data-testid=context-use]').textContent.includes('trimmed')")
+    sent = capture_generations(page)
+    tid(page, "continue").click()
+    wait_idle_page(page)
+    body = sent[0]
+    assert body["memory"] == "MEMORY: the keeper is called Ada.\n"
+    assert body["prompt"].endswith(lines[-1]) and body["prompt"].startswith("Line ")
+    assert len(body["prompt"]) < len("\n".join(lines)) / 2
+    st, _, n = http("POST", server.url + "/api/extra/tokencount", {"prompt": body["memory"] + body["prompt"]})
+    assert n["value"] <= 256 - 16
+    assert "trimmed" in tid(page, "context-use").inner_text()
+    assert page.locator(".seg.ai").count() == 1
