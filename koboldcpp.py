@@ -1110,6 +1110,10 @@ def serve(args: argparse.Namespace) -> int:
     except ModelLoadError as e:
         httpd.server_close()
         return _err(str(e))
+    except KeyboardInterrupt:
+        httpd.server_close()
+        print("Interrupted while loading the model.", file=sys.stderr)
+        return 130
     except Exception as e:
         httpd.server_close()
         return _err(f"could not load {model_path}: {type(e).__name__}: {e}")
