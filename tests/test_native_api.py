@@ -307,6 +307,16 @@ def test_password(tiny_pw):
     assert st == 200 and out["results"][0]["completion_tokens"] == 2
 
 
+def test_request_log_lines(tiny, tiny_pw):
+    gen(tiny, prompt="zebra secret words", max_length=2)  # tiny runs with --quiet
+    post(tiny_pw, "/api/v1/generate", {"prompt": "visible giraffe", "max_length": 2},
+         {"Authorization": "Bearer s3cret"})
+    time.sleep(0.2)
+    quiet, loud = tiny.log(), tiny_pw.log()
+    assert re.search(r"POST /api/v1/generate 200 \d+ms", quiet) and "zebra" not in quiet
+    assert re.search(r"POST /api/v1/generate 200 \d+ms", loud) and "visible giraffe" in loud
+
+
 # ---------------------------------------------------------------- generation (bundled Gemma)
 
 PROMPT = "The capital of France is"
