@@ -43,6 +43,10 @@
   let gen = null; // the running generation: {genkey, ctrl, stopping}
   let lastGen = null; // what the last generation added: {idx, prevLen, created, kind}
   let editSnapshotPending = false;
+  // plaintext-only keeps pasted formatting out; browsers without it get plain "true"
+  const EDITABLE = (() => {
+    try { document.createElement("span").contentEditable = "plaintext-only"; return "plaintext-only"; } catch (e) { return "true"; }
+  })();
 
   function freshSession() {
     return {
@@ -188,7 +192,7 @@
     }
     if (!msg) msg = text.replace(/<[^>]*>/g, " ").replace(/\s+/g, " ").trim().slice(0, 200);
     if (res.status === 401) msg = "The server refused the API key" + (msg ? ` (${msg})` : ".");
-    else if (res.status === 503) msg = "Server busy: " + (msg || "try again in a moment.");
+    else if (res.status === 503) msg = /busy/i.test(msg) ? msg : "The server is busy" + (msg ? `: ${msg}` : "; try again in a moment.");
     else msg = `Server error ${res.status}: ${msg || res.statusText}`;
     return new ApiError(res.status, msg);
   }
@@ -741,7 +745,7 @@
     out.textContent = "";
     out.className = "output mode-" + session.mode;
     el.app.dataset.mode = session.mode;
-    const editable = gen ? "false" : "plaintext-only";
+    const editable = gen ? "false" : EDITABLE;
     if (!session.turns.length) {
       const empty = document.createElement("div");
       empty.className = "empty";

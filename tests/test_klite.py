@@ -174,7 +174,7 @@ def test_page_loads_offline_clean_and_shows_the_server(open_page, server):
 
 def test_story_streams_into_the_output(open_page, server):
     page, w = open_page()
-    set_settings(page, max_length=40, sampler_seed=7)
+    set_settings(page, max_length=24, sampler_seed=7)
     # every distinct length of the growing reply, as the browser renders it
     page.evaluate("""() => {
         window.__lens = new Set();
@@ -231,7 +231,7 @@ def test_stop_ends_a_long_generation_within_a_second(open_page, server):
 
 def test_chat_keeps_turns_and_edits_in_place(open_page, server):
     page, w = open_page()
-    set_settings(page, max_length=24, sampler_seed=3)
+    set_settings(page, max_length=16, sampler_seed=3)
     sent = capture_generations(page)
     tid(page, "mode").select_option("chat")
     tid(page, "user-name").fill("Alice")
@@ -265,7 +265,7 @@ def test_chat_keeps_turns_and_edits_in_place(open_page, server):
     assert body["prompt"] == (f"Alice: Hi Bob, how are you today?\nBob: {first_reply}\n"
                               "Alice: Tell me about the sea.\nKeep it short.\nBob:")
     assert "\nAlice:" in body["stop_sequence"] and "\nBob:" in body["stop_sequence"]
-    assert body["max_length"] == 24 and body["sampler_seed"] == 3 and body["trim_stop"] is True
+    assert body["max_length"] == 16 and body["sampler_seed"] == 3 and body["trim_stop"] is True
     assert body["genkey"].startswith("KCPP") and body["genkey"][4:].isdigit()
     # Retry regenerates only the last reply; Undo brings the old one back
     last = sess["turns"][3]["text"]
@@ -291,7 +291,7 @@ def test_chat_keeps_turns_and_edits_in_place(open_page, server):
 
 def test_instruct_mode_uses_the_server_adapter(open_page, server):
     page, w = open_page()
-    set_settings(page, max_length=24, sampler_seed=11)
+    set_settings(page, max_length=16, sampler_seed=11)
     sent = capture_generations(page)
     tid(page, "mode").select_option("instruct")
     tid(page, "system-prompt").fill("You are a terse assistant.")
