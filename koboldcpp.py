@@ -266,6 +266,15 @@ class ClientGone(Exception):
     pass
 
 
+def log_line(line: str):
+    """Print one log line; never fails on a console that cannot show some characters."""
+    enc = getattr(sys.stdout, "encoding", None) or "utf-8"
+    try:
+        print(line.encode(enc, "replace").decode(enc, "replace"), flush=True)
+    except (OSError, ValueError, LookupError):
+        pass
+
+
 def friendly_model_name(args, model_path: str) -> str:
     if args.hordemodelname:
         n = args.hordemodelname
@@ -514,7 +523,7 @@ class Handler(BaseHTTPRequestHandler):
                 self._drain()
             ms = (time.monotonic() - t0) * 1000
             status = self.status_sent if self.status_sent is not None else "-"
-            print(f"{self.client_address[0]} {self.command} {path} {status} {ms:.0f}ms{self.log_extra}", flush=True)
+            log_line(f"{self.client_address[0]} {self.command} {path} {status} {ms:.0f}ms{self.log_extra}")
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _dispatch
 
