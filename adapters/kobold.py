@@ -118,13 +118,22 @@ def _bool(body, name, default, aliases=()):
     return default if v is _MISSING else _bool_value(name, v)
 
 
+def clean_text(s: str) -> str:
+    """JSON may carry lone UTF-16 surrogates ("\\ud800") that cannot be encoded as UTF-8: make them U+FFFD."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def _str(body, name, default=""):
     v = _get(body, name)
     if v is _MISSING:
         return default
     if not isinstance(v, str):
         raise BadRequest(f"'{name}' must be a string, got {type(v).__name__}")
-    return v
+    return clean_text(v)
 
 
 def _str_list(name, v, limit) -> List[str]:
@@ -137,7 +146,7 @@ def _str_list(name, v, limit) -> List[str]:
         if not isinstance(s, str):
             raise BadRequest(f"'{name}' must be a list of strings; found {type(s).__name__} {s!r}")
         if s:
-            out.append(s)
+            out.append(clean_text(s))
     return out[:limit]
 
 
@@ -263,7 +272,7 @@ def _instruct_tags(body, defaults: GenDefaults) -> dict:
             if key in adapter:
                 if not isinstance(adapter[key], str):
                     raise BadRequest(f"'adapter.{key}' must be a string")
-                tags[key] = adapter[key]
+                tags[key] = clean_text(adapter[key])
     return tags
 
 
@@ -406,6 +415,7 @@ def parse_tokenize(body) -> tuple:
         v = ""
     if not isinstance(v, str):
         raise BadRequest(f"'prompt' must be a string, got {type(v).__name__}", extra={"value": -1})
+    v = clean_text(v)
     try:
         special = _bool(body, "special", True)
     except BadRequest as e:

@@ -226,3 +226,11 @@ def test_tokenize_detokenize_genkey_parsers():
 def test_perf_response_adds_missing_keys():
     p = kobold.perf_response({"queue": 0, "idle": 1}, quiet=True)
     assert p["queue"] == 0 and p["quiet"] is True and p["total_img_gens"] == 0
+
+
+def test_lone_surrogates_become_replacement_chars():
+    body = json.loads('{"prompt": "a\\ud800b", "memory": "\\udc00", "stop_sequence": ["x\\ud800"]}')
+    r = kobold.parse_generate(body, D)
+    assert r.prompt == "a\ufffdb" and r.memory == "\ufffd" and r.stop == ["x\ufffd"]
+    r.prompt.encode("utf-8")
+    assert kobold.parse_tokenize(json.loads('{"prompt": "\\ud83d\\ude00"}'))[0] == "\U0001F600"  # a real pair

@@ -191,6 +191,14 @@ def test_bad_generate_input_is_400(tiny, body, word):
     assert get(tiny, "/api/v1/model")[0] == 200  # the server survives
 
 
+def test_lone_surrogates_in_json_are_not_errors(tiny):
+    body = b'{"prompt": "hi \\ud800 there", "max_length": 2, "stop_sequence": ["\\udc00"]}'
+    st, _, out = http("POST", tiny.url + "/api/v1/generate", body)
+    assert st == 200 and out["results"][0]["completion_tokens"] >= 1
+    st, _, out = http("POST", tiny.url + "/api/extra/tokencount", b'{"prompt": "\\ud800"}')
+    assert st == 200 and out["value"] >= 1
+
+
 def test_too_large_is_413(tiny):
     big = json.dumps({"prompt": "x" * (2 * 1024 * 1024)}).encode()
     st, _, out = http("POST", tiny.url + "/api/v1/generate", big)
