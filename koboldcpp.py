@@ -361,6 +361,18 @@ class Handler(BaseHTTPRequestHandler):
             err.extra = {}
         self.send_json(err.status, error_body(dialect, err), headers)
 
+    def send_error(self, code, message=None, explain=None):
+        """The stdlib's own errors (malformed request line, unsupported method, ...) as JSON too."""
+        self.close_connection = True
+        self.status_sent = code
+        msg = message or self.responses.get(code, ("error",))[0]
+        err = ApiError(msg, status=code, type="bad_input" if 400 <= code < 500 else "server_error")
+        try:
+            self.send_bytes(code, json.dumps(error_body("kobold", err)).encode(), "application/json")
+        except OSError:
+            pass
+        log_line(f"{self.client_address[0]} {self.command or '-'} {self.path if hasattr(self, 'path') else '-'} {code}")
+
     def start_sse(self):
         """200 + event-stream headers; the stream ends when we close the socket (HTTP/1.0 style, as KoboldCpp)."""
         from adapters import sse
