@@ -214,6 +214,17 @@ def test_unknown_route_and_wrong_method(tiny):
     assert st == 405 and h["Allow"] == "POST" and "POST" in out["detail"]["msg"]
 
 
+def test_stdlib_level_errors_are_json(tiny):
+    st, h, out = http("FOO", tiny.url + "/api/v1/model")
+    assert st == 501 and h["Content-Type"] == "application/json" and "FOO" in out["detail"]["msg"]
+    s = socket.create_connection(("127.0.0.1", tiny.port))
+    s.sendall(b"GET /api/v1/model HTTP/9.9\r\n\r\n")
+    raw = s.recv(65536)
+    s.close()
+    assert b'"detail"' in raw and b"HTTP version" in raw  # the stdlib answers a bad version HTTP/0.9-style
+    assert get(tiny, "/api/v1/model")[0] == 200
+
+
 def test_tokencount_errors_and_detokenize_errors(tiny):
     st, _, out = post(tiny, "/api/extra/tokencount", {"prompt": 5})
     assert st == 400 and out["value"] == -1 and "prompt" in out["detail"]["msg"]
