@@ -473,3 +473,32 @@ def test_queue_full_is_503():
         c.close()
         assert queued["r"][0] == 200 and queued["r"][2]["results"][0]["text"] == ""
         wait_idle(srv, 2.0)
+
+
+def test_handler_crash_is_500_json_and_traceback_in_log(capfd):
+    """In-process: a route that raises gets a short JSON 500; the traceback goes to the server's stderr."""
+    import argparse
+    import koboldcpp
+    from adapters import kobold
+
+    @koboldcpp.route("GET", "/test/crash")
+    def crash(h):
+        raise RuntimeError("boom inside handler")
+
+    old = koboldcpp.STATE
+    koboldcpp.STATE = koboldcpp.ServerState(args=argparse.Namespace(maxrequestsize=1, quiet=True), engine=None,
+                                            model_name="koboldcpp/x", password=None, max_body=1 << 20,
+                                            defaults=kobold.GenDefaults())
+    srv = koboldcpp.Server(("127.0.0.1", 0), koboldcpp.Handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        st, _, out = http("GET", f"http://127.0.0.1:{srv.server_address[1]}/test/crash")
+        assert st == 500 and out == {"detail": {"msg": "internal server error (RuntimeError)", "type": "server_error"}}
+        err = capfd.readouterr().err
+        assert "Traceback" in err and "boom inside handler" in err
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        koboldcpp.ROUTES.pop(("GET", "/test/crash"), None)
+        koboldcpp.STATE = old
