@@ -805,7 +805,13 @@
   }
 
   // edits in place: the DOM is the source while typing; a re-render would move the caret
-  el.output.addEventListener("focusin", () => { editSnapshotPending = true; });
+  let editStart = null; // {idx, text} of the part being edited
+  el.output.addEventListener("focusin", (ev) => {
+    editSnapshotPending = true;
+    const node = ev.target.closest("[data-idx]");
+    const t = node && session.turns[Number(node.dataset.idx)];
+    editStart = t ? { idx: Number(node.dataset.idx), text: t.text } : null;
+  });
   el.output.addEventListener("input", (ev) => {
     if (gen) return;
     const node = ev.target.closest("[data-idx]");
@@ -821,9 +827,17 @@
   });
   el.output.addEventListener("focusout", () => {
     if (gen) return;
+    let changed = false;
+    // Chromium adds a placeholder newline after Enter at the end of an editable element
+    const t = editStart && session.turns[editStart.idx];
+    if (t && t.text !== editStart.text && t.text.endsWith("\n") && !editStart.text.endsWith("\n")) {
+      t.text = t.text.slice(0, -1);
+      changed = true;
+    }
+    editStart = null;
     const before = session.turns.length;
-    session.turns = session.turns.filter((t) => t.text.length > 0);
-    if (session.turns.length !== before) { render(); autosave(); }
+    session.turns = session.turns.filter((x) => x.text.length > 0);
+    if (changed || session.turns.length !== before) { render(); autosave(); }
   });
 
   function applySessionToInputs() {

@@ -205,6 +205,15 @@ def test_story_streams_into_the_output(open_page, server):
     tid(page, "undo").click()
     assert tid(page, "output").inner_text() == before
     both_widths(page, "story")
+    # edit the generated text in place, with a new line at its end
+    ai_text = stored_session(page)["turns"][1]["text"]
+    page.locator(".seg.ai").click()
+    page.keyboard.press("Control+End")
+    page.keyboard.type(" EDIT")
+    page.keyboard.press("Enter")
+    page.keyboard.type("More.")
+    tid(page, "input").click()
+    assert stored_session(page)["turns"][1]["text"] == ai_text + " EDIT\nMore."
 
 
 def test_stop_ends_a_long_generation_within_a_second(open_page, server):
