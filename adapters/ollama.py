@@ -45,7 +45,9 @@ def _common(body) -> dict:
     """Ollama options -> OpenAI/native fields."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
-    opts = body.get("options") or {}
+    opts = body.get("options")
+    if opts is None:
+        opts = {}
     if not isinstance(opts, dict):
         raise BadRequest("'options' must be an object")
     out = {}
