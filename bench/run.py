@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""Speed of our engine and server against a bare llama.cpp loop and llama-cpp-python, measured in one run.
+
+    python bench/run.py [--model M.gguf] [--threads 2] [--tokens 128] [--quick]
+
+Every figure is printed next to its baseline from the same run, as a ratio (these machines are noisy).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import threading
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import llama_cpp as L  # noqa: E402
+
+from gguf_loader.engine import Engine, EngineConfig, _init_backend  # noqa: E402
+from gguf_loader.jobs import GenRequest, SamplingParams  # noqa: E402
+from tests.support import ServerProcess  # noqa: E402
+
+PROMPT = "The history of the city of Paris begins"
+GREEDY = SamplingParams(temperature=0)
+
+
+def bare_loop(model_path, threads, n_tokens, prompt_len=512):
+    """Greedy decode with llama-cpp-python's low-level calls only: the limit."""
+    _init_backend()  # the same quiet logging the engine uses
+    mp = L.llama_model_default_params()
+    mp.use_extra_bufts = False
+    model = L.llama_model_load_from_file(model_path.encode(), mp)
+    vocab = L.llama_model_get_vocab(model)
+    cp = L.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch = 2048, 512, 512
+    cp.n_threads = cp.n_threads_batch = threads
+    cp.swa_full = True
+    ctx = L.llama_init_from_model(model, cp)
+    smpl = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+    L.llama_sampler_chain_add(smpl, L.llama_sampler_init_greedy())
+    batch = L.llama_batch_init(512, 0, 1)
+
+    def decode(tokens, start):
+        batch.n_tokens = len(tokens)
+        for i, t in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, start + i, 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = i == len(tokens) - 1
+        assert L.llama_decode(ctx, batch) == 0
+
+    buf = (L.llama_token * 64)()
+    n = L.llama_tokenize(vocab, PROMPT.encode(), len(PROMPT.encode()), buf, 64, True, False)
+    toks = list(buf[:n])
+    decode(toks, 0)
+    t = time.perf_counter()
+    pos = len(toks)
+    for _ in range(n_tokens):
+        tok = L.llama_sampler_sample(smpl, ctx, -1)
+        decode([tok], pos)
+        pos += 1
+    decode_tps = n_tokens / (time.perf_counter() - t)
+    L.llama_memory_clear(L.llama_get_memory(ctx), True)
+    long = [2] + [1000 + (i % 5000) for i in range(prompt_len - 1)]
+    t = time.perf_counter()
+    decode(long, 0)
+    pp_tps = prompt_len / (time.perf_counter() - t)
+    L.llama_batch_free(batch)
+    L.llama_sampler_free(smpl)
+    L.llama_free(ctx)
+    L.llama_model_free(model)
+    return decode_tps, pp_tps
+
+
+def create_completion(model_path, threads, n_tokens):
+    llm = L.Llama(model_path=model_path, n_ctx=2048, n_threads=threads, verbose=False)
+    llm.create_completion(PROMPT, max_tokens=4, temperature=0)
+    t = time.perf_counter()
+    out = llm.create_completion(PROMPT + " ", max_tokens=n_tokens, temperature=0, top_k=1)
+    dt = time.perf_counter() - t
+    n = out["usage"]["completion_tokens"]
+    del llm
+    return n / dt
+
+
+def engine_direct(model_path, threads, n_tokens):
+    e = Engine(EngineConfig(model_path, n_ctx=2048, n_threads=threads, quiet=True))
+    e.submit(GenRequest(prompt="warm up", max_length=2)).wait()
+    r = e.submit(GenRequest(prompt=PROMPT, max_length=n_tokens, sampling=GREEDY)).wait()
+    long = [2] + [1000 + (i % 5000) for i in range(511)]
+    r2 = e.submit(GenRequest(prompt=long, max_length=1, sampling=GREEDY)).wait()
+    e.close()
+    return r.completion_tokens / r.eval_time, (r2.prompt_tokens - r2.cached_tokens) / r2.process_time
+
+
+def post(url, body, timeout=600):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def stream_ttft(url, body):
+    """Kobold SSE stream: (seconds to the first token event, number of token events, total seconds)."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    t = time.perf_counter()
+    first, n = None, 0
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for line in r:
+            if line.startswith(b"data:"):
+                d = json.loads(line[5:])
+                if d.get("token"):
+                    n += 1
+                    if first is None:
+                        first = time.perf_counter() - t
+    return first, n, time.perf_counter() - t
+
+
+def server_figures(model_path, threads, n_tokens, quick):
+    out = {}
+    with ServerProcess(model_path, "--threads", str(threads), "--contextsize", "4096", "--quiet") as s:
+        gen = s.url + "/api/v1/generate"
+        post(gen, {"prompt": "warm", "max_length": 2})
+        t = time.perf_counter()
+        r = post(gen, {"prompt": PROMPT, "max_length": n_tokens, "temperature": 0, "top_k": 1})
+        wall = time.perf_counter() - t
+        perf = json.loads(urllib.request.urlopen(s.url + "/api/extra/perf").read())
+        out["http_decode_tps"] = perf["last_eval_speed"]
+        out["http_wall_tps"] = r["results"][0].get("completion_tokens", n_tokens) / wall
+        # per-request overhead of a 1-token request: wall time minus the engine's own time
+        over = []
+        for i in range(5 if quick else 20):
+            t = time.perf_counter()
+            post(gen, {"prompt": f"Hello {i}", "max_length": 1, "temperature": 0})
+            wall = time.perf_counter() - t
+            perf = json.loads(urllib.request.urlopen(s.url + "/api/extra/perf").read())
+            over.append(wall - perf["last_process_time"] - perf["last_eval_time"])
+        over.sort()
+        out["overhead_ms"] = over[len(over) // 2] * 1000
+        # chat with a ~1,500-token history: time to first token, cold vs. reused cache
+        history = "".join(f"User: Tell me fact number {i} about the sea.\nBot: Fact {i}: the sea is large, deep and "
+                          f"full of life of many kinds.\n" for i in range(50))
+        cold = stream_ttft(s.url + "/api/extra/generate/stream", {"prompt": "Z " + history, "max_length": 4,
+                                                                   "temperature": 0})[0]
+        stream_ttft(s.url + "/api/extra/generate/stream", {"prompt": history, "max_length": 4, "temperature": 0})
+        warm = stream_ttft(s.url + "/api/extra/generate/stream", {"prompt": history + "User: and more?\nBot:",
+                                                                   "max_length": 4, "temperature": 0})[0]
+        out["ttft_cold_ms"], out["ttft_warm_ms"] = cold * 1000, warm * 1000
+        with open(f"/proc/{s.proc.pid}/status") as f:
+            rss = [line for line in f if line.startswith("VmRSS")][0]
+        out["rss_mb"] = int(rss.split()[1]) / 1024
+    return out
+
+
+def concurrent(model_path, threads, n_tokens, slots, clients=4):
+    with ServerProcess(model_path, "--threads", str(threads), "--parallelrequests", str(slots), "--quiet",
+                       "--contextsize", "2048") as s:
+        gen = s.url + "/api/v1/generate"
+        post(gen, {"prompt": "warm", "max_length": 2})
+        counts = []
+
+        def one(i):
+            r = post(gen, {"prompt": f"Story number {i}: once upon a time", "max_length": n_tokens,
+                           "temperature": 0, "ban_eos_token": True})
+            counts.append(r["results"][0]["completion_tokens"])
+
+        threads_ = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+        t = time.perf_counter()
+        for th in threads_:
+            th.start()
+        for th in threads_:
+            th.join()
+        return sum(counts) / (time.perf_counter() - t)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model")
+    ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 2, 4))
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    a = ap.parse_args()
+    if not a.model:
+        from gguf_loader.bundled import ensure_default_model
+        a.model = str(ensure_default_model(quiet=True))
+    print(f"model {os.path.basename(a.model)}, {a.threads} threads, {a.tokens} tokens greedy, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs", flush=True)
+    bare_dec, bare_pp = bare_loop(a.model, a.threads, a.tokens)
+    cc = create_completion(a.model, a.threads, a.tokens)
+    eng_dec, eng_pp = engine_direct(a.model, a.threads, a.tokens)
+    srv = server_figures(a.model, a.threads, a.tokens, a.quick)
+    agg1 = concurrent(a.model, a.threads, 64, 1)
+    agg4 = concurrent(a.model, a.threads, 64, 4)
+    rows = [
+        ("decode, bare llama.cpp loop (limit)", bare_dec, "tok/s", bare_dec),
+        ("decode, Llama.create_completion (peer)", cc, "tok/s", bare_dec),
+        ("decode, our engine direct", eng_dec, "tok/s", bare_dec),
+        ("decode, our server over HTTP (engine time)", srv["http_decode_tps"], "tok/s", bare_dec),
+        ("decode, our server over HTTP (wall, incl. prompt)", srv["http_wall_tps"], "tok/s", bare_dec),
+        ("prompt 512 tokens, bare loop (limit)", bare_pp, "tok/s", bare_pp),
+        ("prompt 512 tokens, our engine", eng_pp, "tok/s", bare_pp),
+        ("4 clients aggregate, --parallelrequests 1", agg1, "tok/s", agg1),
+        ("4 clients aggregate, --parallelrequests 4", agg4, "tok/s", agg1),
+        ("chat TTFT, 1,500-token history, cold", srv["ttft_cold_ms"], "ms", srv["ttft_cold_ms"]),
+        ("chat TTFT, 1,500-token history, cached", srv["ttft_warm_ms"], "ms", srv["ttft_cold_ms"]),
+        ("1-token request overhead beyond engine time", srv["overhead_ms"], "ms", None),
+        ("server RSS after the requests above", srv["rss_mb"], "MB", None),
+    ]
+    print(f"\n| figure | value | ratio to baseline |\n|---|---|---|")
+    for name, v, unit, base in rows:
+        ratio = f"{v / base:.2f}x" if base else "-"
+        print(f"| {name} | {v:.1f} {unit} | {ratio} |")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\n(bench process peak RSS {peak:.0f} MB)")
+
+
+if __name__ == "__main__":
+    main()
