@@ -65,6 +65,13 @@ def read_stream(srv, body):
     return r, events
 
 
+def assert_prompt_stop(perf, elapsed):
+    """An abort must land within the disconnect poll plus about one token; the bound follows the measured token time
+    because a shared 2-core box can be 100x slower than usual."""
+    allowed = 1.0 + 3 * perf["last_eval"] / 1000
+    assert elapsed < allowed, f"took {elapsed:.2f}s to go idle, allowed {allowed:.2f}s ({perf['last_eval']} ms/token)"
+
+
 def wait_idle(srv, within=3.0):
     deadline = time.time() + within
     while time.time() < deadline:
@@ -354,7 +361,7 @@ def test_seed_reproducible_and_stream_matches_blocking(gemma):
     a = gen(gemma, sampler_seed=1234, **body)
     b = gen(gemma, sampler_seed=1234, **body)
     assert a["text"] == b["text"]
-    others = {gen(gemma, sampler_seed=s, **body)["text"] for s in (1, 2)}
+    others = {gen(gemma, sampler_seed=1, **body)["text"]}
     assert len(others | {a["text"]}) > 1  # the seed matters
     _, events = read_stream(gemma, dict(body, sampler_seed=1234))
     assert "".join(e["token"] for e in events) == a["text"]
@@ -395,9 +402,10 @@ def test_abort_mid_stream_with_genkey(gemma):
     assert st == 200 and out == {"success": "true", "done": "true"}
     rest = list(events)
     c.close()
-    assert rest[-1] == {"token": "", "finish_reason": "stop"} and time.time() - t0 < 3
+    assert rest[-1] == {"token": "", "finish_reason": "stop"}
     assert len(rest) < 200
-    perf = wait_idle(gemma, 1.0)
+    perf = wait_idle(gemma, 10.0)
+    assert_prompt_stop(perf, time.time() - t0)
     assert perf["last_token_count"] < 300
     assert gen(gemma, prompt=PROMPT, max_length=4, temperature=0)["completion_tokens"] == 4
 
@@ -413,8 +421,8 @@ def test_client_disconnect_mid_stream_aborts(gemma):
     assert got.startswith(b"HTTP/1.1 200")
     s.close()
     t0 = time.time()
-    wait_idle(gemma, 2.0)
-    assert time.time() - t0 < 2.0
+    perf = wait_idle(gemma, 10.0)
+    assert_prompt_stop(perf, time.time() - t0)
     assert get(gemma, "/api/extra/perf")[2]["last_token_count"] < 300
     assert gen(gemma, prompt=PROMPT, max_length=4, temperature=0)["completion_tokens"] == 4
 
@@ -429,7 +437,9 @@ def test_blocking_client_disconnect_aborts(gemma):
         time.sleep(0.05)
     time.sleep(0.3)
     s.close()
-    wait_idle(gemma, 2.0)
+    t0 = time.time()
+    perf = wait_idle(gemma, 10.0)
+    assert_prompt_stop(perf, time.time() - t0)
     assert get(gemma, "/api/extra/perf")[2]["last_token_count"] < 300
 
 
