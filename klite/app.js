@@ -279,6 +279,8 @@
   }
 
   function askKey(message) {
+    setStatus("This server needs a key.");
+    el["model-name"].textContent = "locked";
     el["key-error"].textContent = message || "";
     el["key-dialog"].hidden = false;
     el["key-input"].value = "";
