@@ -1,16 +1,24 @@
-"""Ollama routes end to end on the bundled model: tags, version, generate and chat, blocking and NDJSON streams."""
+"""Ollama routes end to end on the bundled model: tags, version, generate and chat, blocking and NDJSON streams.
+The server runs with --password, so the 401 shapes (Ollama and OpenAI dialects) are checked here too."""
 import json
 import socket
 import urllib.parse
 
 import pytest
 
-from tests.support import ServerProcess, bundled_model_path, http
+from tests.support import ServerProcess, bundled_model_path, http as _http
+
+KEY = "sekrit"
+
+
+def http(method, url, body=None, headers=None):
+    return _http(method, url, body, headers=dict({"Authorization": "Bearer " + KEY}, **(headers or {})))
 
 
 @pytest.fixture(scope="module")
 def server():
-    with ServerProcess(bundled_model_path(), "--contextsize", "1024", "--chatcompletionsadapter", "Gemma") as s:
+    with ServerProcess(bundled_model_path(), "--contextsize", "1024", "--chatcompletionsadapter", "gemma",
+                       "--password", KEY) as s:
         yield s
 
 
@@ -77,6 +85,7 @@ def test_client_disconnect_frees_the_engine(server):
     body = json.dumps({"prompt": "Tell a long story.", "options": {"num_predict": 2000}, "stream": True}).encode()
     with socket.create_connection((u.hostname, u.port)) as s:
         s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + KEY.encode() + b"\r\n"
                   b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         s.recv(4096)  # headers and maybe a first line: generation is running
     import time
@@ -86,3 +95,13 @@ def test_client_disconnect_frees_the_engine(server):
             break
         time.sleep(0.2)
     assert http("GET", server.url + "/api/extra/perf")[2]["idle"] == 1
+
+
+def test_wrong_key_is_401_in_each_dialect(server):
+    st, _, b = _http("POST", server.url + "/api/chat", {"messages": [{"role": "user", "content": "x"}]})
+    assert st == 401 and isinstance(b["error"], str)
+    st, _, b = _http("POST", server.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]},
+                     headers={"Authorization": "Bearer wrong"})
+    assert st == 401 and b["error"]["type"] == "authentication_error" and b["error"]["message"]
+    st, _, b = _http("POST", server.url + "/v1/embeddings", {"input": "x"})
+    assert st == 401 and "error" in b

@@ -257,3 +257,64 @@ def test_openapi_document_and_page(server):
         assert p in doc["paths"], p
     st, hdrs, page = http("GET", server.url + "/api")
     assert st == 200 and hdrs["Content-Type"].startswith("text/html") and b"/v1/chat/completions" in page
+
+
+OPENAI_NODE = "7.55.0"
+NODE_SCRIPT = r"""
+import OpenAI from "openai";
+const client = new OpenAI({ baseURL: process.env.BASE_URL, apiKey: "dummy", maxRetries: 0 });
+const out = {};
+out.model = (await client.models.list()).data[0].id;
+const msgs = [{ role: "user", content: "Hi" }];
+const chat = await client.chat.completions.create({ model: "gpt-x", messages: msgs, max_tokens: 5, seed: 1 });
+out.chat = chat.choices[0].message.content;
+const stream = await client.chat.completions.create({ model: "gpt-x", messages: msgs, max_tokens: 5, seed: 1,
+  stream: true, stream_options: { include_usage: true } });
+out.text = ""; out.reasons = []; out.usage = null;
+for await (const ch of stream) {
+  if (ch.choices.length) { out.text += ch.choices[0].delta.content ?? ""; out.reasons.push(ch.choices[0].finish_reason); }
+  if (ch.usage) out.usage = ch.usage;
+}
+const emb = await client.embeddings.create({ model: "x", input: ["a", "b"] });
+out.emb = [emb.data.length, emb.data[0].embedding.length];
+try { await client.chat.completions.create({ model: "x", messages: [] }); } catch (e) { out.err = [e.status, e.message]; }
+console.log(JSON.stringify(out));
+"""
+
+
+def test_openai_node_sdk(server, tmp_path):
+    """openai-node, unchanged, against the same server (installed with npm into ~/.cache on first use)."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+    if not (shutil.which("node") and shutil.which("npm")):
+        pytest.skip("node/npm not installed")
+    home = Path.home() / ".cache" / f"kcpp-openai-node-{OPENAI_NODE}"
+    if not (home / "node_modules" / "openai" / "package.json").is_file():
+        home.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(home), f"openai@{OPENAI_NODE}"],
+                           capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            pytest.skip(f"npm could not install openai@{OPENAI_NODE}: {r.stderr[-300:]}")
+    script = home / "check.mjs"  # next to node_modules so the import resolves
+    script.write_text(NODE_SCRIPT)
+    r = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, BASE_URL=server.url + "/v1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["model"].startswith("koboldcpp/") and isinstance(out["chat"], str)
+    assert out["reasons"][-1] in ("stop", "length") and all(x is None for x in out["reasons"][:-1])
+    assert 0 < out["usage"]["completion_tokens"] <= 5
+    assert out["emb"][0] == 2 and out["emb"][1] > 100
+    assert out["err"][0] == 400 and "messages" in out["err"][1]
+
+
+def test_bad_adapter_flag_is_a_clear_startup_error():
+    import subprocess
+    import sys
+    from tests.support import KOBOLDCPP, free_port
+    r = subprocess.run([sys.executable, str(KOBOLDCPP), "--model", bundled_model_path(), "--skiplauncher",
+                        "--port", str(free_port()), "--chatcompletionsadapter", "NoSuchPreset"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and "NoSuchPreset" in r.stderr and "Traceback" not in r.stderr
