@@ -19,7 +19,7 @@ import numpy as np
 
 import llama_cpp as L
 
-from .jobs import Event, GenRequest, Job, QueueFull, Result, TokenLogprob  # noqa: F401 (re-exported)
+from .jobs import Event, GenRequest, InvalidRequest, Job, QueueFull, Result, TokenLogprob  # noqa: F401 (re-exported)
 from .sampling import SamplerChain
 from .textstream import TextStream
 
@@ -237,7 +237,21 @@ class Engine:
     def token_text(self, tok: int, special: bool = False) -> str:
         return self.tok.piece(tok, special).decode("utf-8", "replace")
 
+    def validate(self, req: GenRequest):
+        """Raise InvalidRequest for what can never run, before the request takes a place in the queue."""
+        if isinstance(req.prompt, list):
+            bad = [t for t in req.prompt if not (isinstance(t, int) and 0 <= t < self.n_vocab)]
+            if bad:
+                raise InvalidRequest(f"token id {bad[0]!r} is outside the vocabulary (0..{self.n_vocab - 1})")
+        if req.sampling.grammar:
+            g = L.llama_sampler_init_grammar(self.vocab, req.sampling.grammar.encode("utf-8"), b"root")
+            if not g:
+                raise InvalidRequest("the grammar could not be parsed (GBNF with a 'root' rule expected)")
+            L.llama_sampler_free(g)
+
     def submit(self, req: GenRequest) -> Job:
+        """Queue a generation. Raises InvalidRequest or QueueFull; never blocks."""
+        self.validate(req)
         job = Job(req)
         with self._lock:
             if self._stop:

@@ -102,6 +102,10 @@ class QueueFull(Exception):
     """The engine's wait queue is at its cap (HTTP routes answer 503)."""
 
 
+class InvalidRequest(ValueError):
+    """The request can never run (a grammar that does not parse, token ids outside the vocabulary): a client error."""
+
+
 class Job:
     """Handle shared by the submitting thread and the engine thread."""
 

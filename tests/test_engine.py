@@ -5,7 +5,7 @@ import time
 import pytest
 
 from gguf_loader.engine import Engine, EngineConfig
-from gguf_loader.jobs import GenRequest, QueueFull, SamplingParams
+from gguf_loader.jobs import GenRequest, InvalidRequest, QueueFull, SamplingParams
 from tests.support import bundled_model_path
 from tests.tinymodel import tiny_model_path
 
@@ -67,9 +67,12 @@ def test_grammar_constrains_output(tiny):
     assert r.text in ("yes", "no") and r.finish_reason == "stop"
 
 
-def test_bad_grammar_is_an_error_not_a_crash(tiny):
-    r = run(tiny, prompt="x", max_length=4, sampling=SamplingParams(grammar="root ::= ("))
-    assert r.error and r.completion_tokens == 0
+def test_bad_grammar_and_token_ids_are_refused_at_submit(tiny):
+    with pytest.raises(InvalidRequest, match="grammar"):
+        tiny.submit(GenRequest(prompt="x", max_length=4, sampling=SamplingParams(grammar="root ::= (")))
+    with pytest.raises(InvalidRequest, match="vocabulary"):
+        tiny.submit(GenRequest(prompt=[1, 10 ** 9], max_length=3))
+    assert not tiny.busy
 
 
 def test_logit_bias_forces_a_token(tiny):
@@ -89,8 +92,6 @@ def test_logprobs(tiny):
 def test_token_prompt_and_bad_token_ids(tiny):
     r = run(tiny, prompt=[1, 5, 6], max_length=3, sampling=GREEDY)
     assert r.error is None and r.prompt_tokens == 3
-    r = run(tiny, prompt=[1, 10 ** 9], max_length=3)
-    assert r.error and "vocabulary" in r.error
 
 
 def test_prompt_trimmed_from_front_keeping_memory(tiny):
