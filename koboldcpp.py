@@ -555,11 +555,13 @@ class Server(ThreadingHTTPServer):
 # ---------------------------------------------------------------- native KoboldCpp routes
 
 def _submit(req):
-    from gguf_loader.jobs import QueueFull
+    from gguf_loader.jobs import InvalidRequest, QueueFull
     try:
         return STATE.engine.submit(req)
     except QueueFull:
         raise Busy()
+    except InvalidRequest as e:
+        raise BadRequest(str(e))
 
 
 def _log_prompt(h, body, req):
@@ -603,8 +605,6 @@ def _raise_for_error(result, req):
     if not result.error:
         return
     print(f"Generation error: {result.error}", file=sys.stderr)
-    if req.sampling.grammar and "grammar" in result.error and not result.completion_tokens:
-        raise BadRequest(f"'grammar': {result.error}")
     raise ApiError(f"generation failed: {result.error}")
 
 
