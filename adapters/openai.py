@@ -489,6 +489,8 @@ def run_blocking(plan: Plan, engine, is_gone: Callable[[], bool] = lambda: False
     for i, req in enumerate(requests):
         results.append(_wait(_submit(engine, req, wait_s=0 if i == 0 and not plan.decide else 600), is_gone))
         _check_error(results[-1])
+        if results[-1].finish_reason == "abort" and is_gone():
+            break  # nobody is left to read the other choices
     plan.results = results
     choices = []
     for i, r in enumerate(results):
@@ -510,11 +512,20 @@ def run_blocking(plan: Plan, engine, is_gone: Callable[[], bool] = lambda: False
 
 
 def _wait(job, is_gone):
-    for ev in job.stream(poll=0.5):
-        if ev.kind == "done":
-            return ev.result
-        if ev.kind == "idle" and is_gone():
-            job.abort()
+    """Wait for the job, aborting it if the client hangs up (checked every half second, busy or not)."""
+    last = time.monotonic()
+    try:
+        for ev in job.stream(poll=0.5):
+            if ev.kind == "done":
+                return ev.result
+            now = time.monotonic()
+            if now - last >= 0.5:
+                last = now
+                if is_gone():
+                    job.abort()
+    except BaseException:
+        job.abort()
+        raise
     return job.result
 
 
@@ -589,9 +600,10 @@ def _stream(plan: Plan, engine, first_job) -> Iterator[Optional[bytes]]:
 
 
 def _drain(job):
+    """Run a job to the end without sending text; every event is a tick for the disconnect check."""
     r = None
     for ev in job.stream(poll=0.5):
-        if ev.kind == "idle":
+        if ev.kind in ("idle", "text"):
             yield None
         elif ev.kind == "done":
             r = ev.result

@@ -105,3 +105,12 @@ def test_wrong_key_is_401_in_each_dialect(server):
     assert st == 401 and b["error"]["type"] == "authentication_error" and b["error"]["message"]
     st, _, b = _http("POST", server.url + "/v1/embeddings", {"input": "x"})
     assert st == 401 and "error" in b
+
+
+def test_native_placeholders_use_the_active_adapter(server):
+    """--chatcompletionsadapter gemma: Lite's {{[INPUT]}}/{{[OUTPUT]}} in a native prompt become Gemma's tags."""
+    st, _, r = http("POST", server.url + "/api/v1/generate", {"prompt": "{{[INPUT]}}Hi{{[INPUT_END]}}{{[OUTPUT]}}",
+                                                              "max_length": 1})
+    want = "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    n = http("POST", server.url + "/api/extra/tokencount", {"prompt": want})[2]["value"]
+    assert st == 200 and r["results"][0]["prompt_tokens"] == n

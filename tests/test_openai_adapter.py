@@ -194,6 +194,15 @@ def test_stream_matches_blocking_and_frames(ctx):
     assert len({e["id"] for e in ev}) == 1 and all(e["object"] == "chat.completion.chunk" for e in ev)
 
 
+def test_stream_n2_sends_each_choice_with_its_index(ctx):
+    plan = oa.parse_chat({"messages": MSG, "max_tokens": 3, "n": 2, "stream": True, "ban_eos_token": True}, ctx)
+    ev = sse_events(oa.start_stream(plan, ctx.engine))
+    for i in (0, 1):
+        mine = [e["choices"][0] for e in ev if e["choices"][0]["index"] == i]
+        assert mine[0]["delta"]["role"] == "assistant" and mine[-1]["finish_reason"] == "length"
+        assert all(c["finish_reason"] is None for c in mine[:-1])
+
+
 def test_stop_string_is_never_shown(ctx):
     base = oa.run_blocking(oa.parse_completion({"prompt": "once upon a", "max_tokens": 12, "temperature": 0,
                                                 "ban_eos_token": True}, ctx), ctx.engine)
