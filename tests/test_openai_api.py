@@ -318,3 +318,20 @@ def test_bad_adapter_flag_is_a_clear_startup_error():
                         "--port", str(free_port()), "--chatcompletionsadapter", "NoSuchPreset"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode != 0 and "NoSuchPreset" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_autoguess_and_jinja_on_a_model_with_a_chat_template():
+    """Tiny model with a ChatML template: AutoGuess picks ChatML and says so; --jinja renders the template."""
+    from tests.tinymodel import CHATML_TEMPLATE, tiny_model_path
+    model = tiny_model_path(chat_template=CHATML_TEMPLATE)
+    msgs = [{"role": "user", "content": "Hi there"}]
+    want = "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+    for flags in (["--chatcompletionsadapter", "AutoGuess"], ["--jinja"]):
+        with ServerProcess(model, "--contextsize", "512", *flags) as s:
+            st, _, r = http("POST", s.url + "/v1/chat/completions", {"messages": msgs, "max_tokens": 1})
+            n = http("POST", s.url + "/api/extra/tokencount", {"prompt": want})[2]["value"]
+            assert st == 200 and r["usage"]["prompt_tokens"] == n, flags
+            if "AutoGuess" in flags:
+                assert "Chat completion heuristic: ChatML" in s.log()
+            else:
+                assert "model's own template" in s.log()
