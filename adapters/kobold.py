@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 from gguf_loader.jobs import DEFAULT_SAMPLER_ORDER, GenRequest, Result, SamplingParams
 
@@ -38,7 +38,6 @@ class GenDefaults:
     max_context_length: int = 8192  # the server's context
     n_vocab: int = 0  # 0 = unknown: token ids are not range-checked
     instruct_tags: Optional[dict] = None  # server chat adapter tags for placeholders (None: Alpaca-ish default)
-    tokenize: Optional[Callable[[str], List[int]]] = None  # text -> ids without BOS (for banned phrases)
 
 
 # ---------------------------------------------------------------- field readers
@@ -284,22 +283,12 @@ def replace_placeholders(text: str, tags: dict) -> str:
     return text
 
 
-def _banned_phrases(body, defaults: GenDefaults) -> dict:
-    """Banned phrases that are one token (as written or after a space) -> bias -100 on that token.
-    Longer phrases need backtracking in the engine, which it does not do; they are ignored."""
+def _banned_phrases(body) -> List[str]:
+    """Phrases the engine must never produce (it backtracks when one appears)."""
     v = _get(body, "banned_tokens", "banned_strings")
     if v is _MISSING:
-        return {}
-    phrases = _str_list("banned_tokens", v, MAX_BANNED)
-    out = {}
-    if defaults.tokenize is None:
-        return out
-    for p in phrases:
-        for variant in {p, " " + p.lstrip()}:
-            ids = defaults.tokenize(variant)
-            if len(ids) == 1:
-                out[ids[0]] = -100.0
-    return out
+        return []
+    return [p for p in _str_list("banned_tokens", v, MAX_BANNED) if p.strip()]
 
 
 def parse_generate(body, defaults: GenDefaults) -> GenRequest:
@@ -319,7 +308,6 @@ def parse_generate(body, defaults: GenDefaults) -> GenRequest:
     bias = _logit_bias(body, defaults.n_vocab)
     for tid in _custom_token_bans(body, defaults.n_vocab):
         bias[tid] = -100.0
-    bias.update(_banned_phrases(body, defaults))
 
     mirostat = _int(body, "mirostat", 0)
     sampling = SamplingParams(
@@ -386,6 +374,7 @@ def parse_generate(body, defaults: GenDefaults) -> GenRequest:
         max_context_length=max_context_length,
         sampling=sampling,
         stop=stops,
+        banned_phrases=_banned_phrases(body),
         trim_stop=_bool(body, "trim_stop", True),
         bypass_eos=_bool(body, "bypass_eos", False),
         render_special=_bool(body, "render_special", False),

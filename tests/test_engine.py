@@ -168,3 +168,14 @@ def test_context_shift_keeps_cache_when_old_turns_drop(gemma):
     r = run(gemma, prompt=shifted, max_length=4, sampling=GREEDY)
     reprocessed = r.prompt_tokens - r.cached_tokens
     assert reprocessed < r.prompt_tokens / 3, (r.prompt_tokens, r.cached_tokens)
+
+
+def test_banned_phrase_is_never_produced_and_stream_matches(gemma):
+    plain = run(gemma, prompt="The capital of France is", max_length=24, sampling=GREEDY)
+    assert "france" in plain.text.lower()
+    job = gemma.submit(GenRequest(prompt="The capital of France is", max_length=24, sampling=GREEDY,
+                                  banned_phrases=["FRANCE", "the country"]))
+    parts = [ev.text for ev in job.stream(poll=0.1) if ev.kind == "text"]
+    r = job.result
+    assert "france" not in r.text.lower() and "the country" not in r.text.lower(), r.text
+    assert "".join(parts) == r.text and r.completion_tokens <= 24

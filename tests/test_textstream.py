@@ -53,3 +53,21 @@ def test_earliest_stop_wins():
 def test_unfinished_prefix_flushed_at_end():
     text, stopped = feed_all(TextStream(["###"]), [b"a#", b"#"])
     assert (text, stopped) == ("a##", False)
+
+
+def test_banned_phrase_held_back_at_token_granularity():
+    ts = TextStream([], banned=["Bad Word"])
+    assert ts.feed(b"Hi ") == ("Hi ", False)
+    assert ts.feed(b"a b") == ("", False)  # "b" may start the phrase, so its whole token waits
+    assert ts.feed(b"ad") == ("", False)
+    assert ts.feed(b" W") == ("", False)
+    assert ts.feed(b"ord") == ("", False)
+    assert ts.find_banned() == (5, "bad word")  # case-insensitive
+    assert ts.text[: ts.emitted] == "Hi "  # nothing of the phrase's tokens was shown
+
+
+def test_banned_prefix_released_when_it_diverges():
+    ts = TextStream([], banned=["slop"])
+    out = [ts.feed(p)[0] for p in (b"The ", b"sl", b"ice")]
+    assert "".join(out) + ts.flush() == "The slice"
+    assert ts.find_banned() is None
