@@ -1140,8 +1140,7 @@ def serve(args: argparse.Namespace) -> int:
         return _err(f"could not load {model_path}: {type(e).__name__}: {e}")
 
     defaults = kobold.GenDefaults(max_length=args.defaultgenamt, max_context_length=engine.n_ctx,
-                                  n_vocab=engine.n_vocab,
-                                  tokenize=lambda text: engine.tokenize(text, add_bos=False, special=False))
+                                  n_vocab=engine.n_vocab)
     STATE = ServerState(args=args, engine=engine, model_name=friendly_model_name(args, model_path),
                         password=args.password or None, max_body=args.maxrequestsize * 1024 * 1024,
                         defaults=defaults, preloadstory=preload)
