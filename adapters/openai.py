@@ -129,9 +129,8 @@ def _response_grammar(body) -> Optional[str]:
         schema = js.get("schema", {"type": "object"})
     if not isinstance(schema, dict):
         raise _bad("the JSON schema must be an object", "response_format")
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
     try:
-        return json_schema_to_gbnf(json.dumps(schema))
+        return toolmod.schema_to_gbnf(schema)
     except Exception as e:  # the converter raises assorted errors on schemas it cannot express
         raise _bad(f"cannot build a grammar from the JSON schema: {e}", "response_format")
 

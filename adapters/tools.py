@@ -75,24 +75,30 @@ def call_instruction(names: List[str]) -> str:
     return ("Call one of the functions " + ", ".join(names) + '. Reply only with JSON: {"name": ..., "arguments": {...}}')
 
 
+def schema_to_gbnf(schema: dict, prop_order=None) -> str:
+    """llama-cpp-python's converter, with JSON strings kept free of raw control characters (its `char` rule
+    allows them, and a raw newline inside a string is invalid JSON)."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+    g = json_schema_to_gbnf(json.dumps(schema), prop_order=prop_order)
+    return g.replace('char ::= [^"\\\\]', 'char ::= [^"\\\\\\x7F\\x00-\\x1F]')
+
+
 def call_grammar(tools: List[dict], names: List[str]) -> str:
     """GBNF for one call object {"name": <one of names>, "arguments": <that tool's parameters>}."""
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
     by_name = {t["function"]["name"]: t for t in tools}
     variants = [{"type": "object", "properties": {"name": {"const": n}, "arguments": tool_schema(by_name[n])},
                  "required": ["name", "arguments"], "additionalProperties": False} for n in names]
     schema = variants[0] if len(variants) == 1 else {"oneOf": variants}
     try:
-        return json_schema_to_gbnf(json.dumps(schema), prop_order=["name", "arguments"])
+        return schema_to_gbnf(schema, prop_order=["name", "arguments"])
     except Exception as e:  # the converter raises assorted errors on schemas it cannot express
         raise BadRequest(f"cannot build a grammar from the tool parameters: {e}")
 
 
 def decision_grammar(names: List[str]) -> str:
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
     schema = {"type": "object", "properties": {"tool": {"enum": list(names) + ["none"]}},
               "required": ["tool"], "additionalProperties": False}
-    return json_schema_to_gbnf(json.dumps(schema))
+    return schema_to_gbnf(schema)
 
 
 def decision_instruction(names: List[str]) -> str:

@@ -158,6 +158,12 @@ def test_forced_tool_plan_has_grammar_and_tool_list(ctx):
     assert "### Available Tools:" in req.memory and "Call the function add" in req.prompt
 
 
+def test_schema_grammars_keep_control_characters_out_of_strings():
+    g = toolmod.schema_to_gbnf({"type": "object", "properties": {"s": {"type": "string"}}})
+    char = [line for line in g.splitlines() if line.startswith("char ::=")][0]
+    assert "\\x00-\\x1F" in char
+
+
 def test_tool_call_parsing():
     calls = toolmod.parse_call('{"name": "add", "arguments": {"a": 1, "b": 2}}')
     assert calls[0]["function"] == {"name": "add", "arguments": '{"a": 1, "b": 2}'} and calls[0]["id"].startswith("call_")
