@@ -549,8 +549,7 @@ class Engine:
         s.sampler.close()
         s.sampler = self._new_chain(s)
         for t in kept:  # grammar, penalties and DRY see the kept tokens again
-            L.llama_sampler_accept(s.sampler.chain, t)
-            s.sampler.history.append(t)
+            s.sampler.accept(t)
         seq = s.prompt + kept
         keep = len(seq) - 1  # re-decode the last kept token to get the logits for position k
         L.llama_memory_seq_rm(self.mem, s.seq, keep, -1)
@@ -610,7 +609,10 @@ class Engine:
             room = self.n_batch - n
             if room <= 0:
                 break
-            take = s.prompt[s.n_prompt_done: s.n_prompt_done + room]
+            # The last prompt token is decoded in a step of its own: logits of a row can depend on the batch's
+            # size, and a cached prompt re-decodes only that token, so this keeps cached and cold runs identical.
+            end = len(s.prompt) - 1 if s.n_prompt_done < len(s.prompt) - 1 else len(s.prompt)
+            take = s.prompt[s.n_prompt_done: min(s.n_prompt_done + room, end)]
             last = s.n_prompt_done + len(take) == len(s.prompt)
             for i, t in enumerate(take):
                 out = last and i == len(take) - 1

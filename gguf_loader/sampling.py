@@ -163,12 +163,19 @@ class SamplerChain:
             self._keep.append(arr)
             self._add(L.llama_sampler_init_logit_bias(n_vocab, len(bias), arr))
 
+        # The grammar stays out of the chain: checking one sampled token is cheap, masking all 262k is not.
+        self.grammar = None
         if p.grammar:
-            g = L.llama_sampler_init_grammar(vocab, p.grammar.encode("utf-8"), b"root")
-            if not g:
+            self.grammar = L.llama_sampler_init_grammar(vocab, p.grammar.encode("utf-8"), b"root")
+            if not self.grammar:
+                self.grammar = None
                 self.close()
                 raise ValueError("the grammar could not be parsed")
-            self._add(g)
+            self._cand = (L.llama_token_data * n_vocab)()
+            raw = (ctypes.c_char * ctypes.sizeof(self._cand)).from_address(ctypes.addressof(self._cand))
+            self._cand_np = np.frombuffer(raw, dtype=_TOKEN_DATA, count=n_vocab)
+            self._ids = np.arange(n_vocab, dtype=np.int32)
+            self._one = (L.llama_token_data * 1)()
 
         def add_rep_pen():
             if p.rep_pen_slope not in (0.0, 1.0) and p.rep_pen != 1.0:
@@ -252,14 +259,52 @@ class SamplerChain:
         self._add(s.ptr)
 
     def sample(self, ctx, idx: int) -> int:
-        tok = L.llama_sampler_sample(self.chain, ctx, idx)
+        if self.grammar is None:
+            tok = L.llama_sampler_sample(self.chain, ctx, idx)
+        else:
+            tok = self._sample_with_grammar(ctx, idx)
         self.history.append(tok)
         return tok
+
+    def _candidates_from(self, ctx, idx: int):
+        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, idx), shape=(self.n_vocab,))
+        c = self._cand_np
+        c["id"] = self._ids
+        c["logit"] = logits
+        c["p"] = 0.0
+        return L.llama_token_data_array(data=self._cand, size=self.n_vocab, selected=-1, sorted=False)
+
+    def _sample_with_grammar(self, ctx, idx: int) -> int:
+        arr = self._candidates_from(ctx, idx)
+        L.llama_sampler_apply(self.chain, ctypes.byref(arr))
+        tok = int(self._cand[arr.selected].id)
+        one = self._one
+        one[0].id, one[0].logit, one[0].p = tok, 1.0, 0.0
+        single = L.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
+        L.llama_sampler_apply(self.grammar, ctypes.byref(single))
+        if not np.isfinite(one[0].logit):  # the grammar refuses it: mask everything, then sample again
+            arr = self._candidates_from(ctx, idx)
+            L.llama_sampler_apply(self.grammar, ctypes.byref(arr))
+            L.llama_sampler_apply(self.chain, ctypes.byref(arr))
+            tok = int(self._cand[arr.selected].id)
+        L.llama_sampler_accept(self.grammar, tok)
+        L.llama_sampler_accept(self.chain, tok)
+        return tok
+
+    def accept(self, tok: int):
+        """Replay a token already in the output (after a backtrack)."""
+        L.llama_sampler_accept(self.chain, tok)
+        if self.grammar is not None:
+            L.llama_sampler_accept(self.grammar, tok)
+        self.history.append(tok)
 
     def close(self):
         if self.chain is not None:
             # custom samplers came from llama_sampler_init with no free(): the chain frees their structs
             L.llama_sampler_free(self.chain)
+            if self.grammar is not None:
+                L.llama_sampler_free(self.grammar)
+                self.grammar = None
             self.chain = None
             self._py.clear()
 
