@@ -1053,16 +1053,6 @@ def _load_preloadstory(path):
         raise ArgError(f"--preloadstory file {path} is not valid JSON: {e}")
 
 
-def _instruct_tags(args, engine):
-    """The chat adapter's tags (for Lite's {{[INPUT]}} placeholders), when the chat adapter module is present."""
-    try:
-        from adapters.instruct import load_adapter
-        _, tags = load_adapter(args.chatcompletionsadapter, engine.chat_template, log=lambda s: None)
-        return tags
-    except Exception:  # a bad adapter spec is reported by the chat routes; placeholders fall back to Alpaca
-        return None
-
-
 def _bind(host: str, port: int) -> Server:
     cls = Server
     if ":" in host:
@@ -1144,8 +1134,7 @@ def serve(args: argparse.Namespace) -> int:
     STATE = ServerState(args=args, engine=engine, model_name=friendly_model_name(args, model_path),
                         password=args.password or None, max_body=args.maxrequestsize * 1024 * 1024,
                         defaults=defaults, preloadstory=preload)
-    STATE.instruct_tags = defaults.instruct_tags = _instruct_tags(args, engine)
-    oa_error = openai_setup(args, engine)  # chat adapter for the OpenAI/Ollama routes (prints the choice)
+    oa_error = openai_setup(args, engine)  # the chat adapter, for chat routes and native placeholders
     if oa_error:
         httpd.server_close()
         engine.close()

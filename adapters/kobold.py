@@ -170,10 +170,9 @@ def require_object(body) -> dict:
 
 def json_schema_to_grammar(schema) -> str:
     """JSON schema (dict or JSON text) -> GBNF. Raises BadRequest with the converter's reason."""
-    from llama_cpp.llama_grammar import json_schema_to_gbnf  # heavy import; only when a schema is sent
-    text = schema if isinstance(schema, str) else json.dumps(schema)
+    from adapters.tools import schema_to_gbnf  # heavy import; only when a schema is sent
     try:
-        return json_schema_to_gbnf(text)
+        return schema_to_gbnf(json.loads(schema) if isinstance(schema, str) else schema)
     except Exception as e:  # the converter raises plain Exceptions/ValueErrors/KeyErrors on bad schemas
         raise BadRequest(f"could not convert the JSON schema to a grammar: {type(e).__name__}: {e}")
 
