@@ -10,8 +10,8 @@ import pytest
 
 import gguf_loader
 from gguf_loader import GGUFError, ModelInfo
-from support import bundled_model_path
-from tinymodel import CHATML_TEMPLATE, tiny_model_path, write_broken_models, write_tiny_llama
+from tests.support import bundled_model_path
+from tests.tinymodel import CHATML_TEMPLATE, tiny_model_path, write_broken_models, write_tiny_llama
 
 
 def test_tiny_model_metadata():
