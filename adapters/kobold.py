@@ -71,16 +71,19 @@ def _number(name, v) -> float:
     return f
 
 
+def _clamp(v, lo, hi):
+    if lo is not None:
+        v = max(lo, v)
+    if hi is not None:
+        v = min(hi, v)
+    return v
+
+
 def _float(body, name, default, lo=None, hi=None, aliases=()):
     v = _get(body, name, *aliases)
     if v is _MISSING:
         return default
-    f = _number(name, v)
-    if lo is not None:
-        f = max(lo, f)
-    if hi is not None:
-        f = min(hi, f)
-    return f
+    return _clamp(_number(name, v), lo, hi)
 
 
 def _int_value(name, v) -> int:
@@ -94,12 +97,7 @@ def _int(body, name, default, lo=None, hi=None):
     v = _get(body, name)
     if v is _MISSING:
         return default
-    i = _int_value(name, v)
-    if lo is not None:
-        i = max(lo, i)
-    if hi is not None:
-        i = min(hi, i)
-    return i
+    return _clamp(_int_value(name, v), lo, hi)
 
 
 def _bool_value(name, v) -> bool:

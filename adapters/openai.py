@@ -270,15 +270,20 @@ def _make(ctx: Context, nat: dict):
     return ctx.make_request(nat)
 
 
+def _request_adapter(body, ctx: Context) -> dict:
+    """The server's adapter, with a request's own `adapter` keys over it for this request only."""
+    if body.get("adapter") is None:
+        return ctx.adapter
+    try:
+        return instruct.merge_adapter(ctx.adapter, body["adapter"])
+    except instruct.AdapterError as e:
+        raise _bad(str(e), "adapter")
+
+
 def parse_chat(body, ctx: Context) -> Plan:
     n = _check_common(body)
     messages = parse_messages(body.get("messages"), ctx)
-    adapter = ctx.adapter
-    if body.get("adapter") is not None:
-        try:
-            adapter = instruct.merge_adapter(ctx.adapter, body["adapter"])
-        except instruct.AdapterError as e:
-            raise _bad(str(e), "adapter")
+    adapter = _request_adapter(body, ctx)
     stream = _get_bool(body, "stream")
     logprobs = _get_bool(body, "logprobs")
     top_lp = _get_num(body, "top_logprobs", lo=0, hi=20, integer=True, default=0)
@@ -383,12 +388,7 @@ def parse_completion(body, ctx: Context) -> Plan:
             lp = None
         else:
             raise _bad("'logprobs' must be an integer from 0 to 20", "logprobs")
-    adapter = ctx.adapter
-    if body.get("adapter") is not None:
-        try:
-            adapter = instruct.merge_adapter(ctx.adapter, body["adapter"])
-        except instruct.AdapterError as e:
-            raise _bad(str(e), "adapter")
+    adapter = _request_adapter(body, ctx)
     max_len = _max_tokens(body, ctx, {})
     stops = [instruct.replace_placeholders(s, adapter) for s in _stops(body)]
     grammar = _response_grammar(body)

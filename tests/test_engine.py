@@ -20,6 +20,14 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
+def bigger():
+    """Slow enough (~200 tok/s) that a 400-token job is still running when the test aborts it."""
+    e = Engine(EngineConfig(tiny_model_path(big=True), n_ctx=1024, n_threads=2, n_slots=2, max_queue=1))
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
 def gemma():
     e = Engine(EngineConfig(bundled_model_path(), n_ctx=2048, n_threads=2, n_slots=1))
     yield e
@@ -105,7 +113,8 @@ def test_prompt_trimmed_from_front_keeping_memory(tiny):
     assert r.prompt_tokens == len(prompt) and r.completion_tokens == 50
 
 
-def test_abort_stops_within_a_token_and_queue_cap(tiny):
+def test_abort_stops_within_a_token_and_queue_cap(bigger):
+    tiny = bigger
     endless = SamplingParams(temperature=0, ban_eos=True)
     long = [tiny.submit(GenRequest(prompt="the", max_length=400, sampling=endless)) for _ in range(2)]
     waiting = tiny.submit(GenRequest(prompt="the", max_length=400))  # 2 slots busy, 1 may wait
