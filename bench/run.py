@@ -40,6 +40,7 @@ def bare_loop(model_path, threads, n_tokens, prompt_len=512):
     cp.n_ctx, cp.n_batch, cp.n_ubatch = 2048, 512, 512
     cp.n_threads = cp.n_threads_batch = threads
     cp.swa_full = True
+    cp.flash_attn_type = 0  # the engine's default, so both run the same kernels
     ctx = L.llama_init_from_model(model, cp)
     smpl = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
     L.llama_sampler_chain_add(smpl, L.llama_sampler_init_greedy())

@@ -194,6 +194,7 @@ class Engine:
         cp.n_seq_max = self.n_slots
         cp.n_threads = cfg.n_threads
         cp.n_threads_batch = cfg.n_threads
+        # Off unless asked: measured here, flash attention made row results depend more on batch shape.
         cp.flash_attn_type = 1 if cfg.flash_attn else 0
         cp.no_perf = True
         cp.swa_full = True  # keep the whole window of SWA layers so cached prefixes stay reusable
@@ -586,60 +587,58 @@ class Engine:
         return keep
 
     def _step(self):
+        """One decode of every generating slot's next token, then one prompt chunk of one slot.
+
+        Rows of the same kind are never mixed (llama.cpp's CPU kernels compute a row slightly differently depending
+        on the batch around it): decode rows share small batches, and each prompt is prefilled alone in chunks
+        aligned to fixed positions, so a request gives the same text whether it runs alone or beside others."""
         b = self.batch
         n = 0
-        rows = []  # (slot, batch index) that need sampling after this decode
-        for s in self.slots:  # one token for every generating slot
-            if s.job is None or s.prefilling or s.pending is None:
-                continue
-            if s.job.aborted.is_set():
-                self._finish(s, "abort", -1)
-                continue
-            self._put(b, n, s.pending, len(s.cache), s.seq, True)
-            s.cache.append(s.pending)
-            s.pending = None
-            rows.append((s, n))
-            n += 1
-        for s in self.slots:  # then prompt chunks with what room is left
-            if not s.prefilling:
-                continue
-            if s.job.aborted.is_set():
-                self._finish(s, "abort", -1)
-                continue
-            room = self.n_batch - n
-            if room <= 0:
-                break
-            # The last prompt token is decoded in a step of its own: logits of a row can depend on the batch's
-            # size, and a cached prompt re-decodes only that token, so this keeps cached and cold runs identical.
-            end = len(s.prompt) - 1 if s.n_prompt_done < len(s.prompt) - 1 else len(s.prompt)
-            take = s.prompt[s.n_prompt_done: min(s.n_prompt_done + room, end)]
-            last = s.n_prompt_done + len(take) == len(s.prompt)
-            for i, t in enumerate(take):
-                out = last and i == len(take) - 1
-                self._put(b, n, t, len(s.cache), s.seq, out)
-                s.cache.append(t)
-                if out:
-                    rows.append((s, n))
-                n += 1
-            s.n_prompt_done += len(take)
-        if n == 0:
-            return
-        b.n_tokens = n
-        rc = L.llama_decode(self.ctx, b)
-        if rc != 0:
-            for s in {id(s): s for s, _ in rows}.values():
-                pass
-            for s in self.slots:
-                if s.job:
-                    # the cache no longer matches what we think: start this sequence over next time
-                    L.llama_memory_seq_rm(self.mem, s.seq, -1, -1)
-                    s.cache = []
-                    self._finish(s, "stop", -1, error=f"llama_decode failed ({rc})")
-            return
-        for s, idx in rows:
+        rows = []  # (slot, batch index) to sample after the decode
+        for s in self.slots:
             if s.job is None:
                 continue
-            self._sample(s, idx)
+            if s.job.aborted.is_set():
+                self._finish(s, "abort", -1)
+                continue
+            if s.pending is not None:
+                tok, s.pending = s.pending, None
+            elif s.n_prompt_done == len(s.prompt) - 1:
+                tok = s.prompt[-1]  # the last prompt token gives the first logits, decoded like a generated one
+                s.n_prompt_done += 1
+            else:
+                continue
+            self._put(b, n, tok, len(s.cache), s.seq, True)
+            s.cache.append(tok)
+            rows.append((s, n))
+            n += 1
+        if n and self._decode(n):
+            for s, idx in rows:
+                if s.job is not None:
+                    self._sample(s, idx)
+        waiting = [s for s in self.slots if s.prefilling and s.n_prompt_done < len(s.prompt) - 1]
+        if waiting:
+            s = min(waiting, key=lambda x: x.job.submitted)
+            start = s.n_prompt_done
+            end = min(len(s.prompt) - 1, (start // self.n_batch + 1) * self.n_batch)
+            for i, t in enumerate(s.prompt[start:end]):
+                self._put(b, i, t, len(s.cache), s.seq, False)
+                s.cache.append(t)
+            s.n_prompt_done = end
+            self._decode(end - start)
+
+    def _decode(self, n: int) -> bool:
+        self.batch.n_tokens = n
+        rc = L.llama_decode(self.ctx, self.batch)
+        if rc == 0:
+            return True
+        for s in self.slots:
+            if s.job:
+                # the cache no longer matches what we think: start these sequences over next time
+                L.llama_memory_seq_rm(self.mem, s.seq, -1, -1)
+                s.cache = []
+                self._finish(s, "stop", -1, error=f"llama_decode failed ({rc})")
+        return False
 
     @staticmethod
     def _put(b, i, tok, pos, seq, logits):

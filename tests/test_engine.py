@@ -188,3 +188,59 @@ def test_banned_phrase_is_never_produced_and_stream_matches(gemma):
     r = job.result
     assert "france" not in r.text.lower() and "the country" not in r.text.lower(), r.text
     assert "".join(parts) == r.text and r.completion_tokens <= 24
+
+
+@pytest.fixture(scope="module")
+def gemma4():
+    e = Engine(EngineConfig(bundled_model_path(), n_ctx=1024, n_threads=2, n_slots=4))
+    yield e
+    e.close()
+
+
+PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "My favourite food is"]
+
+
+def test_greedy_identical_alone_and_batched(gemma4):
+    alone = [run(gemma4, prompt=p, max_length=24, sampling=GREEDY).text for p in PROMPTS]
+    jobs = [gemma4.submit(GenRequest(prompt=p, max_length=24, sampling=GREEDY)) for p in PROMPTS]
+    assert [j.wait(60).text for j in jobs] == alone
+
+
+def test_stream_equals_blocking_with_four_slots(gemma4):
+    s = SamplingParams(seed=11, temperature=0.8)
+    blocking = [run(gemma4, prompt=p, max_length=16, sampling=s).text for p in PROMPTS]
+    jobs = [gemma4.submit(GenRequest(prompt=p, max_length=16, sampling=s)) for p in PROMPTS]
+    streamed = ["".join(ev.text for ev in j.stream(poll=0.1) if ev.kind == "text") for j in jobs]
+    assert streamed == blocking
+
+
+def test_abort_one_slot_others_keep_streaming(gemma4):
+    endless = SamplingParams(temperature=0, ban_eos=True)
+    jobs = [gemma4.submit(GenRequest(prompt=p, max_length=48, sampling=endless)) for p in PROMPTS[:3]]
+    while not jobs[0].text_so_far:
+        time.sleep(0.01)
+    jobs[0].abort()
+    results = [j.wait(60) for j in jobs]
+    assert results[0].finish_reason == "abort" and results[0].completion_tokens < 48
+    assert [r.completion_tokens for r in results[1:]] == [48, 48]
+    assert [r.finish_reason for r in results[1:]] == ["length", "length"]
+
+
+def test_long_prompt_does_not_freeze_other_slots(gemma4):
+    endless = SamplingParams(temperature=0, ban_eos=True)
+    talker = gemma4.submit(GenRequest(prompt="Once upon a time", max_length=200, sampling=endless))
+    while not talker.text_so_far:
+        time.sleep(0.01)
+    long_prompt = gemma4.submit(GenRequest(prompt="word " * 900, max_length=1, sampling=GREEDY))
+    before = len(talker.text_so_far)
+    long_prompt.wait(60)
+    assert len(talker.text_so_far) > before  # tokens kept coming while 900 prompt tokens were processed
+    talker.abort()
+    talker.wait(30)
+
+
+def test_cached_tokens_with_slots(gemma4):
+    history = "A long conversation about the sea. " * 30
+    run(gemma4, prompt=history, max_length=4, sampling=GREEDY)
+    r = run(gemma4, prompt=history + "And then?", max_length=4, sampling=GREEDY)
+    assert r.cached_tokens >= r.prompt_tokens - 8  # the slot holding the history was chosen
