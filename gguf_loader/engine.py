@@ -205,6 +205,9 @@ class Engine:
             raise ModelLoadError(f"llama.cpp could not create a context of {cp.n_ctx} tokens for {cfg.model_path}")
         self.mem = L.llama_get_memory(self.ctx)
         self.can_shift = bool(L.llama_memory_can_shift(self.mem))
+        if cfg.contextshift and cfg.fastforward and not self.can_shift:
+            print("ContextShift: this model's cache cannot be shifted; trimmed chats are reprocessed instead.",
+                  flush=True)
         self.batch = L.llama_batch_init(max(self.n_batch, self.n_slots), 0, 1)
 
         self.slots = [_Slot(i) for i in range(self.n_slots)]

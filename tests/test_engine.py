@@ -244,3 +244,22 @@ def test_cached_tokens_with_slots(gemma4):
     run(gemma4, prompt=history, max_length=4, sampling=GREEDY)
     r = run(gemma4, prompt=history + "And then?", max_length=4, sampling=GREEDY)
     assert r.cached_tokens >= r.prompt_tokens - 8  # the slot holding the history was chosen
+
+
+def test_context_shift_output_matches_full_reprocess():
+    """Same greedy continuation whether the dropped turns were shifted out of the cache or everything recomputed."""
+    turns = [f"User: tell me about city number {i}.\nBot: City {i} is a nice place with a river and {i % 7} "
+             f"bridges.\n" for i in range(60)]
+    system = "A chat between a user and a bot.\n"
+    out = {}
+    for shift in (True, False):
+        e = Engine(EngineConfig(bundled_model_path(), n_ctx=2048, n_threads=2, contextshift=shift, quiet=True))
+        try:
+            run(e, prompt=system + "".join(turns[:40]), max_length=2, sampling=GREEDY)
+            out[shift] = run(e, prompt=system + "".join(turns[10:50]) + "User: and city 99?\nBot:", max_length=24,
+                             sampling=GREEDY)
+        finally:
+            e.close()
+    shifted, full = out[True], out[False]
+    assert shifted.prompt_tokens - shifted.cached_tokens < (full.prompt_tokens - full.cached_tokens) / 3
+    assert shifted.text == full.text
