@@ -61,6 +61,26 @@ def tail_free(c: np.ndarray, z: float):
     logits[order[keep:]] = NEG_INF
 
 
+def top_p_full(c: np.ndarray, p: float):
+    """Exact top-p over a full, unsorted candidate array without sorting it: the tokens within `d` of the top logit
+    are a top set, so once their mass reaches p the nucleus lies inside them and only they are sorted.
+    Returns the new candidate count (the kept tokens are moved to the front, sorted by logit)."""
+    logits = c["logit"]
+    m = logits.max()
+    if not np.isfinite(m):
+        return None
+    e = np.exp((logits - m).astype(np.float64))
+    target = p * e.sum()
+    for d in (8.0, 16.0, 32.0, np.inf):
+        sel = np.flatnonzero(logits >= m - d)
+        if e[sel].sum() >= target or d == np.inf:
+            break
+    order = sel[np.argsort(-logits[sel], kind="stable")]
+    keep = min(int(np.searchsorted(np.cumsum(e[order]), target)) + 1, len(order))
+    c[:keep] = c[order[:keep]].copy()
+    return keep
+
+
 def smoothing(c: np.ndarray, factor: float, curve: float):
     """Quadratic (and cubic, by curve) smoothing around the top logit."""
     logits = c["logit"]
@@ -111,7 +131,10 @@ class _PySampler:
 
         def apply(smpl, cur_p):
             try:
-                fn(_candidates(cur_p))
+                size = fn(_candidates(cur_p))
+                if size is not None:  # the function kept the first `size` candidates, sorted
+                    cur_p.contents.size = size
+                    cur_p.contents.sorted = True
             except Exception:  # never let a Python error unwind through C
                 pass
 
@@ -222,7 +245,10 @@ class SamplerChain:
             elif sid == 1 and p.top_a > 0:
                 self._add_py(lambda c: top_a(c, p.top_a))
             elif sid == 2:
-                if 0 < p.top_p < 1:
+                if 0 < p.top_p < 1 and (p.top_k <= 0 or p.top_k > 1000):
+                    # llama.cpp's top-p sorts all 262k candidates each token here (measured 25% slower)
+                    self._add_py(lambda c: top_p_full(c, p.top_p))
+                elif 0 < p.top_p < 1:
                     self._add(L.llama_sampler_init_top_p(p.top_p, 1))
                 if p.min_p > 0:
                     self._add(L.llama_sampler_init_min_p(p.min_p, 1))

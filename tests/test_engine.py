@@ -263,3 +263,27 @@ def test_context_shift_output_matches_full_reprocess():
     shifted, full = out[True], out[False]
     assert shifted.prompt_tokens - shifted.cached_tokens < (full.prompt_tokens - full.cached_tokens) / 3
     assert shifted.text == full.text
+
+
+def test_numpy_top_p_keeps_exactly_llama_cpps_nucleus():
+    import numpy as np
+    from gguf_loader.sampling import _TOKEN_DATA, top_p_full
+    rng = np.random.default_rng(0)
+    for p in (0.1, 0.5, 0.9, 0.99):
+        c = np.zeros(50000, dtype=_TOKEN_DATA)
+        c["id"] = np.arange(50000)
+        c["logit"] = rng.normal(0, 3, 50000).astype(np.float32)
+        probs = np.exp(c["logit"].astype(np.float64) - c["logit"].max())
+        probs /= probs.sum()
+        order = np.argsort(-probs, kind="stable")
+        want = int(np.searchsorted(np.cumsum(probs[order]), p)) + 1  # smallest prefix reaching p
+        keep = top_p_full(c, p)
+        assert keep == want
+        assert list(c["id"][:keep]) == list(order[:want])
+
+
+def test_top_p_without_top_k_samples_the_same_as_with_llama_cpps_top_p(tiny):
+    # top_k 2000 > vocab keeps llama.cpp's top-p; top_k 0 takes the numpy path: same nucleus, same seeded text
+    a = run(tiny, prompt="the king", max_length=16, sampling=SamplingParams(top_k=0, top_p=0.8, seed=5))
+    b = run(tiny, prompt="the king", max_length=16, sampling=SamplingParams(top_k=900, top_p=0.8, seed=5))
+    assert a.text == b.text
