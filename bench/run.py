@@ -189,6 +189,11 @@ def concurrent_oa(base, n_tokens, clients=4):
                                             "temperature": 0, "top_k": 1})
         counts.append(r["usage"]["completion_tokens"])
 
+    return aggregate_tps(one, counts, clients)
+
+
+def aggregate_tps(one, counts, clients):
+    """Run one(i) for each client at once; total tokens (appended to `counts` by one) per second."""
     ths = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
     t = time.perf_counter()
     for th in ths:
@@ -292,13 +297,7 @@ def concurrent(model_path, threads, n_tokens, slots, clients=4):
                            "temperature": 0, "ban_eos_token": True})
             counts.append(r["results"][0]["completion_tokens"])
 
-        threads_ = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
-        t = time.perf_counter()
-        for th in threads_:
-            th.start()
-        for th in threads_:
-            th.join()
-        return sum(counts) / (time.perf_counter() - t)
+        return aggregate_tps(one, counts, clients)
 
 
 PARTS = {"bare": bare_loop, "cc": create_completion, "engine": engine_direct}
