@@ -1,0 +1,264 @@
+"""What the launcher shows and how its text turns into command-line values (no tkinter here, so it is testable
+without a display). Numbers go through the same converters as the command line, so the window and
+`--config` accept and reject exactly the same values."""
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_ADAPTER = "Alpaca"
+AUTOGUESS = "AutoGuess"
+
+
+def kcpp():
+    """The koboldcpp module; when started as `python koboldcpp.py` it is __main__, so reuse that copy."""
+    main = sys.modules.get("__main__")
+    if main is not None and hasattr(main, "build_parser") and hasattr(main, "apply_config"):
+        return main
+    import koboldcpp
+    return koboldcpp
+
+
+@dataclass(frozen=True)
+class Field:
+    dest: str          # argparse dest (and .kcpps key)
+    label: str
+    tip: str
+    kind: str          # "int", "text", "bool", "choice"
+    invert: bool = False  # a switch shown as "on" when the flag is false (ContextShift = not --noshift)
+    choices: tuple = ()
+
+
+def _tips(threads_auto: int) -> dict:
+    return {
+        "model": "The GGUF model file to chat with. Press Browse to pick one, or use the small bundled model.",
+        "contextsize": "How many tokens (about 3/4 of a word each) the model can see at once: prompt plus reply. "
+                       "Bigger needs more memory. It is capped to what the model was trained for.",
+        "gpulayers": "How many of the model's layers run on the graphics card. 0 = CPU only, -1 = all. "
+                     "Needs a GPU build of llama-cpp-python.",
+        "threads": f"CPU threads used for generating text. -1 picks for you ({threads_auto} on this machine).",
+        "chatcompletionsadapter": "How chat messages are turned into a prompt for OpenAI-style chat clients. "
+                                  "Alpaca is the default; AutoGuess reads the template from the model; "
+                                  "or pick a preset or your own JSON adapter file.",
+        "launch": "Open the web page in your browser once the model is loaded.",
+        "batchsize": "How many prompt tokens are processed in one step. Larger is faster on long prompts "
+                     "but uses more memory.",
+        "flashattention": "Use flash attention: less memory for long contexts, sometimes faster.",
+        "usemmap": "Map the model file into memory instead of reading it: faster start, memory is shared "
+                   "with the file cache.",
+        "usemlock": "Keep the whole model in RAM so the system never swaps it out (needs enough free memory).",
+        "host": "The network address to listen on. 127.0.0.1 = this computer only; 0.0.0.0 = every network "
+                "interface (other devices can connect); empty means the same.",
+        "port": "The port the server listens on (1-65535). The web page will be at http://localhost:PORT.",
+        "password": "Optional API key. When set, clients must send it as 'Authorization: Bearer KEY'. "
+                    "Leave empty for no password.",
+        "multiuser": "What happens when a request arrives while the model is busy: 0 = answer 'busy' at once, "
+                     "1 = wait in a queue of 6, N = a queue of N-1.",
+        "parallelrequests": "How many requests are generated at the same time (1-32). More helps several users "
+                            "but each gets less speed.",
+        "quiet": "Do not print prompts and generated text in the console.",
+        "defaultgenamt": "How many tokens to generate when a client does not say how many (16-8192).",
+        "noshift": "ContextShift: when the context is full, drop the oldest tokens instead of re-reading the "
+                   "whole prompt. Needs FastForward.",
+        "nofastforward": "FastForward: reuse the part of the prompt the model has already read, so only new "
+                         "text is processed.",
+    }
+
+
+def fields() -> dict:
+    k = kcpp()
+    tips = _tips(k.default_threads())
+    spec = [
+        Field("model", "Model file", tips["model"], "text"),
+        Field("contextsize", "Context size", tips["contextsize"], "choice",
+              choices=("2048", "4096", "8192", "16384", "32768", "65536", "131072")),
+        Field("gpulayers", "GPU layers", tips["gpulayers"], "int"),
+        Field("threads", "Threads", tips["threads"], "int"),
+        Field("chatcompletionsadapter", "Chat adapter", tips["chatcompletionsadapter"], "choice"),
+        Field("launch", "Open browser", tips["launch"], "bool"),
+        Field("batchsize", "Batch size", tips["batchsize"], "choice",
+              choices=("16", "32", "64", "128", "256", "512", "1024", "2048", "4096")),
+        Field("flashattention", "Flash attention", tips["flashattention"], "bool"),
+        Field("usemmap", "Use mmap", tips["usemmap"], "bool"),
+        Field("usemlock", "Use mlock", tips["usemlock"], "bool"),
+        Field("host", "Host", tips["host"], "text"),
+        Field("port", "Port", tips["port"], "int"),
+        Field("password", "Password", tips["password"], "text"),
+        Field("multiuser", "Multiuser queue", tips["multiuser"], "int"),
+        Field("parallelrequests", "Parallel requests", tips["parallelrequests"], "int"),
+        Field("quiet", "Quiet mode", tips["quiet"], "bool"),
+        Field("defaultgenamt", "Default gen. amount", tips["defaultgenamt"], "int"),
+        Field("noshift", "ContextShift", tips["noshift"], "bool", invert=True),
+        Field("nofastforward", "FastForward", tips["nofastforward"], "bool", invert=True),
+    ]
+    return {f.dest: f for f in spec}
+
+
+def preset_names() -> list:
+    """The chat adapter presets the server knows (read at run time), less the two shown first."""
+    from adapters.instruct import list_presets
+    return [n for n in list_presets() if n not in (DEFAULT_ADAPTER, AUTOGUESS)]
+
+
+def adapter_choices() -> list:
+    return [DEFAULT_ADAPTER, AUTOGUESS, *preset_names()]
+
+
+class FieldError(Exception):
+    def __init__(self, dest: str, label: str, message: str):
+        super().__init__(f"{label}: {message}")
+        self.dest = dest
+        self.label = label
+
+
+def _flag_free(message: str) -> str:
+    # the command line's messages name the flag ("--port must be ..."); the window names the field instead
+    return re.sub(r"^--[\w-]+ ", "", message)
+
+
+def to_display(args: argparse.Namespace) -> dict:
+    """Namespace -> widget values (strings for entries, bools for switches)."""
+    out = {}
+    for dest, f in fields().items():
+        v = getattr(args, dest, None)
+        if f.kind == "bool":
+            out[dest] = (not bool(v)) if f.invert else bool(v)
+        elif dest == "chatcompletionsadapter":
+            out[dest] = DEFAULT_ADAPTER if v in (None, "") else str(v)
+        else:
+            out[dest] = "" if v is None else str(v)
+    return out
+
+
+def _resolve_adapter(text: str) -> str | None:
+    """Check the choice with the server's own resolver, so the window refuses what the server would refuse."""
+    text = text.strip()
+    if not text or text.lower() == DEFAULT_ADAPTER.lower():
+        return None  # the server's default
+    if text.lower() == AUTOGUESS.lower():
+        return AUTOGUESS
+    from adapters.instruct import AdapterError, load_adapter
+    spec = str(Path(text).expanduser()) if text.startswith("~") else text
+    try:
+        name, _ = load_adapter(spec, None, log=lambda _msg: None)
+    except AdapterError as e:
+        raise ValueError(str(e).replace("--chatcompletionsadapter ", ""))
+    return spec if Path(spec).is_file() else name
+
+
+def collect(base: argparse.Namespace, values: dict, check_model: bool = True) -> argparse.Namespace:
+    """Widget values -> a copy of `base` with the chosen settings. Raises FieldError for the first bad field."""
+    k = kcpp()
+    actions = {a.dest: a for a in k.build_parser()._actions}
+    ns = copy.copy(base)
+    for dest, f in fields().items():
+        if dest not in values:
+            continue
+        raw = values[dest]
+        if f.kind == "bool":
+            setattr(ns, dest, (not raw) if f.invert else bool(raw))
+            continue
+        text = str(raw).strip()
+        if dest == "model":
+            ns.model = text or None
+            continue
+        if dest == "chatcompletionsadapter":
+            try:
+                ns.chatcompletionsadapter = _resolve_adapter(text)
+            except ValueError as e:
+                raise FieldError(dest, f.label, str(e))
+            continue
+        if dest == "password":
+            ns.password = str(raw) or None  # spaces may be part of a key; only empty means none
+            continue
+        if dest == "host":
+            ns.host = text  # empty = every interface, as on the command line
+            continue
+        act = actions[dest]
+        if not text:
+            raise FieldError(dest, f.label, "enter a number")
+        try:
+            setattr(ns, dest, act.type(text) if act.type else text)
+        except argparse.ArgumentTypeError as e:
+            raise FieldError(dest, f.label, _flag_free(str(e)))
+    if ns.nofastforward:
+        ns.noshift = True  # ContextShift works on top of FastForward, as on the command line
+    if check_model:
+        check_model_file(ns.model)
+    return ns
+
+
+def check_model_file(model: str | None):
+    label = fields()["model"].label
+    if not model:
+        raise FieldError("model", label, "no model chosen: press Browse, or 'Use bundled model'")
+    p = Path(model).expanduser()
+    if not p.exists():
+        raise FieldError("model", label, f"file not found: {model}")
+    if not p.is_file():
+        raise FieldError("model", label, f"not a file: {model}")
+    from gguf_loader import GGUFError, inspect
+    try:
+        inspect(str(p))
+    except GGUFError as e:
+        raise FieldError("model", label, str(e))
+    except OSError as e:
+        raise FieldError("model", label, f"cannot read {model}: {e.strerror or e}")
+
+
+def check_port_free(host: str, port: int):
+    """Bind the way the server will (SO_REUSEADDR, as http.server does) so only a real listener blocks it."""
+    host = host or "0.0.0.0"  # the server binds "" as IPv4 all-interfaces
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise FieldError("host", fields()["host"].label, f"unknown address {host!r} ({e.strerror})")
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except PermissionError:
+            raise FieldError("port", fields()["port"].label,
+                             f"no permission to use {port} (ports below 1024 need admin rights)")
+        except OSError as e:
+            if e.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
+                raise FieldError("port", fields()["port"].label,
+                                 f"{port} is already in use on {host}; choose another port")
+            raise FieldError("host", fields()["host"].label, f"cannot listen on {host}: {e.strerror or e}")
+
+
+def human_size(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return str(n)
+
+
+def human_count(n) -> str:
+    if not n:
+        return "unknown"
+    for div, suf in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.1f}{suf}".replace(".0" + suf, suf)
+    return str(n)
+
+
+def model_facts(info) -> list:
+    """ModelInfo -> (label, value) rows for the facts panel."""
+    tmpl = "yes (used by AutoGuess)" if info.has_chat_template else "no (chat uses the chosen adapter)"
+    return [
+        ("Name", info.name or Path(info.path).stem),
+        ("Architecture", info.architecture or "unknown"),
+        ("Parameters", human_count(info.n_params)),
+        ("Quantization", info.quantization or "unknown"),
+        ("File size", human_size(info.file_size)),
+        ("Trained context", f"{info.context_length} tokens" if info.context_length else "unknown"),
+        ("Chat template", tmpl),
+    ]
