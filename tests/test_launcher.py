@@ -293,6 +293,7 @@ def test_invalid_input_is_shown_in_the_window_and_launch_refuses(make_app, tmp_p
         ({"defaultgenamt": ""}, "Tokens", "defaultgenamt", "Default gen. amount: enter a number"),
         ({"host": "203.0.113.7"}, "Network", "host",  # a documentation address no machine here has
          "Host: cannot listen on 203.0.113.7: Cannot assign requested address"),
+        ({"model": ""}, "Quick Launch", "model", "Model file: no model chosen: press Browse, or 'Use bundled model'"),
         ({"model": str(tmp_path / "gone.gguf")}, "Quick Launch", "model",
          f"Model file: file not found: {tmp_path / 'gone.gguf'}"),
         ({"port": str(busy_port)}, "Network", "port",
@@ -342,11 +343,14 @@ def test_use_bundled_model_shows_progress_then_its_facts(make_app, tmp_path):
     assert str(app.bundled_button.cget("state")) == "normal"
 
 
-@pytest.mark.skipif(shutil.which("gsettings") is None, reason="needs gsettings (Debian: libglib2.0-bin) to flip "
-                                                               "the system light/dark setting")
 def test_window_follows_the_system_light_and_dark_mode(make_app):
+    """On Linux the system setting is GNOME's color-scheme, which darkdetect reads with `gsettings`."""
     import customtkinter as ctk
 
+    if shutil.which("gsettings") is None or subprocess.run(
+            ["gsettings", "get", "org.gnome.desktop.interface", "color-scheme"], capture_output=True).returncode:
+        pytest.skip("needs gsettings with the GNOME interface schema (Debian: libglib2.0-bin and "
+                    "gsettings-desktop-schemas) to flip the system light/dark setting")
     def system(scheme):
         subprocess.run(["gsettings", "set", "org.gnome.desktop.interface", "color-scheme", scheme], check=True)
 
@@ -395,9 +399,14 @@ def test_launch_button_starts_a_server_that_answers(display, tmp_path):
                         timeout=60)
         assert found.returncode == 0 and found.stdout.split(), found.stderr
         win = found.stdout.split()[0]
-        geo = xdotool("getwindowgeometry", "--shell", win, display=display).stdout
-        g = dict(line.split("=", 1) for line in geo.split())
-        x, y, w, h = (int(g[k]) for k in ("X", "Y", "WIDTH", "HEIGHT"))
+        deadline = time.time() + 20
+        while True:  # Tk may map the window before its final size
+            geo = xdotool("getwindowgeometry", "--shell", win, display=display).stdout
+            g = dict(line.split("=", 1) for line in geo.split())
+            x, y, w, h = (int(g[k]) for k in ("X", "Y", "WIDTH", "HEIGHT"))
+            if (w, h) == (1024, 700) or time.time() > deadline:
+                break
+            time.sleep(0.1)
         assert (w, h) == (1024, 700)
         # wait until the window has drawn its facts (the model from the config), then find the green button
         from launcher_gui.app import GREEN
