@@ -101,7 +101,8 @@ def config_dict(args: argparse.Namespace) -> dict:
 def _explicit_dests(parser: argparse.ArgumentParser, argv: list) -> set:
     """Which dests the command line set explicitly (so a config file does not override them)."""
     ns = parser.parse_args(argv, namespace=argparse.Namespace(**{a.dest: _UNSET for a in parser._actions}))
-    return {k for k, v in vars(ns).items() if v is not _UNSET}
+    # an absent optional positional (the model) is still set, to None, by argparse
+    return {k for k, v in vars(ns).items() if v is not _UNSET and not (k == "model_param" and v is None)}
 
 
 _UNSET = object()
@@ -130,6 +131,8 @@ def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace, data
         if key in _NOT_EXPORTED or key not in actions or key in explicit:
             continue  # unknown keys (other KoboldCpp versions' flags) are ignored
         act = actions[key]
+        if isinstance(value, list) and key in ("model", "model_param"):
+            value = value[0] if value else None  # KoboldCpp's configs hold model lists (multi-part files)
         if value is None:
             setattr(args, key, act.default)
             continue
@@ -1075,6 +1078,8 @@ def serve(args: argparse.Namespace) -> int:
         try:
             from gguf_loader.bundled import ensure_default_model
             model_path = str(ensure_default_model())
+            print(f"No model given: serving the bundled model (Gemma 3 270M, a small base model) from {model_path}. "
+                  f"Pass --model FILE.gguf to serve another.")
         except Exception as e:
             return _err(f"no model given and the bundled model is unavailable: {e}")
     try:

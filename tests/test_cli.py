@@ -109,3 +109,14 @@ def test_sigterm_shuts_down_cleanly():
     log = srv.log()
     srv.stop()
     assert "Shutting down" in log and "Traceback" not in log
+
+
+def test_koboldcpp_style_config_with_model_list(tmp_path):
+    import koboldcpp
+    cfg = tmp_path / "k.kcpps"
+    cfg.write_text(json.dumps({"model": [], "model_param": "/models/x.gguf", "contextsize": 4096,
+                               "usecuda": None, "unknownflag": 3}))
+    args = koboldcpp.parse_args(["--config", str(cfg)])
+    assert args.model == "/models/x.gguf" and args.contextsize == 4096
+    cfg.write_text(json.dumps({"model": ["/models/a.gguf", "/models/b.gguf"]}))
+    assert koboldcpp.parse_args(["--config", str(cfg)]).model == "/models/a.gguf"
