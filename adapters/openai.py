@@ -459,12 +459,15 @@ def _chunk(plan: Plan, choices, usage_=None, with_usage_key=False) -> bytes:
 # running
 
 def _submit(engine, req, wait_s: float = 0.0):
-    """Submit, turning a full queue into 503; with wait_s, retry for that long (later choices of one request)."""
-    from gguf_loader.jobs import QueueFull
+    """Submit, turning a full queue into 503 and a request that can never run (bad grammar, token ids outside the
+    vocabulary) into 400; with wait_s, retry a full queue for that long (later choices of one request)."""
+    from gguf_loader.jobs import InvalidRequest, QueueFull
     deadline = time.monotonic() + wait_s
     while True:
         try:
             return engine.submit(req)
+        except InvalidRequest as e:
+            raise _bad(str(e))
         except QueueFull:
             if time.monotonic() >= deadline:
                 raise Busy()

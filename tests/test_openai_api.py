@@ -335,3 +335,10 @@ def test_autoguess_and_jinja_on_a_model_with_a_chat_template():
                 assert "Chat completion heuristic: ChatML" in s.log()
             else:
                 assert "model's own template" in s.log()
+
+
+def test_bad_grammar_and_out_of_vocabulary_tokens_are_400(server):
+    for body in ({"prompt": "hi", "max_tokens": 4, "grammar": "root ::= ("},
+                 {"prompt": [1, 10 ** 9], "max_tokens": 4}):
+        st, _, out = http("POST", server.url + "/v1/completions", body)
+        assert st == 400 and out["error"]["type"] == "invalid_request_error", (st, out)
