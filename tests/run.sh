@@ -3,7 +3,7 @@
 # run as root) and runs the whole suite. README's second command and .ci/run both call this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-APT_PKGS="chromium xvfb xdotool x11-utils libglib2.0-bin gsettings-desktop-schemas"
+APT_PKGS="chromium xvfb xdotool x11-utils libglib2.0-bin gsettings-desktop-schemas binutils"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=""
   for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
