@@ -8,6 +8,7 @@ with its prompt, so only the new suffix is decoded (FastForward).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import random
 import threading
@@ -158,13 +159,13 @@ class _Slot:
         self.t_start = 0.0
         self.t_first = 0.0
         self.cached = 0
-        self.batch_idx = -1
         self.bans: Dict[int, set] = {}  # generated position -> tokens banned there (phrase bans)
         self.backtracks = 0
 
     @property
     def prefilling(self) -> bool:
-        return self.job is not None and self.n_prompt_done < len(self.prompt)
+        """Prompt tokens before the last one still to decode (the last is decoded with the generated ones)."""
+        return self.job is not None and self.n_prompt_done < len(self.prompt) - 1
 
 
 class Engine:
@@ -185,7 +186,6 @@ class Engine:
         self.n_ctx = max(256, min(cfg.n_ctx, self.n_ctx_train)) if self.n_ctx_train > 0 else cfg.n_ctx
         self.n_slots = max(1, cfg.n_slots)
         self.n_batch = max(16, cfg.n_batch)
-        self.eog_ids = [t for t in range(self.n_vocab) if L.llama_vocab_is_eog(self.vocab, t)] if self.n_vocab < 400000 else []
 
         cp = L.llama_context_default_params()
         cp.n_ctx = self.n_ctx * self.n_slots
@@ -225,9 +225,6 @@ class Engine:
         self.total_gens = 0
         self.last_result: Optional[Result] = None
         self.last_genkey = ""
-        self.last_input_count = 0
-        self.shift_count = 0  # tokens kept by ContextShift instead of reprocessed (for tests and perf)
-        self.last_reprocessed = 0
 
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
@@ -240,9 +237,6 @@ class Engine:
     def detokenize(self, ids: List[int], special: bool = False) -> str:
         return self.tok.detokenize(ids, special)
 
-    def token_text(self, tok: int, special: bool = False) -> str:
-        return self.tok.piece(tok, special).decode("utf-8", "replace")
-
     def validate(self, req: GenRequest):
         """Raise InvalidRequest for what can never run, before the request takes a place in the queue."""
         if isinstance(req.prompt, list):
@@ -254,6 +248,11 @@ class Engine:
             if not g:
                 raise InvalidRequest("the grammar could not be parsed (GBNF with a 'root' rule expected)")
             L.llama_sampler_free(g)
+
+    @functools.cached_property
+    def eog_ids(self) -> List[int]:
+        """Every end-of-generation token (a scan of the vocabulary: 0.1 s on 262k tokens, so only when asked)."""
+        return [t for t in range(self.n_vocab) if L.llama_vocab_is_eog(self.vocab, t)]
 
     def submit(self, req: GenRequest) -> Job:
         """Queue a generation. Raises InvalidRequest or QueueFull; never blocks."""
@@ -520,13 +519,13 @@ class Engine:
             del slot.cache[keep:]
         slot.n_prompt_done = keep
         slot.cached = keep
-        self.last_reprocessed = len(prompt) - keep
         job.started.set()
 
     def _new_chain(self, slot: _Slot) -> SamplerChain:
         req = slot.job.request
         banned_now = (lambda: slot.bans.get(len(slot.generated))) if req.banned_phrases else None
-        return SamplerChain(self.vocab, self.n_vocab, self.n_ctx_train, self.eog_ids, req.sampling, slot.prompt,
+        eog = self.eog_ids if req.sampling.ban_eos else []
+        return SamplerChain(self.vocab, self.n_vocab, self.n_ctx_train, eog, req.sampling, slot.prompt,
                             slot.seed, banned_now)
 
     _MAX_BANS_PER_POSITION = 16
@@ -583,7 +582,6 @@ class Engine:
                 return keep
             L.llama_memory_seq_add(self.mem, slot.seq, start, -1, -erased)
             del cache[keep:start]
-            self.shift_count += run
             if not self.cfg.quiet:
                 print(f"[ContextShift: erased {erased} tokens, kept {run} cached]", flush=True)
             return min(keep + run, len(prompt) - 1)
@@ -619,7 +617,7 @@ class Engine:
             for s, idx in rows:
                 if s.job is not None:
                     self._sample(s, idx)
-        waiting = [s for s in self.slots if s.prefilling and s.n_prompt_done < len(s.prompt) - 1]
+        waiting = [s for s in self.slots if s.prefilling]
         if waiting:
             s = min(waiting, key=lambda x: x.job.submitted)
             start = s.n_prompt_done
@@ -713,8 +711,6 @@ class Engine:
             return
         now = time.monotonic()
         t_first = s.t_first or now
-        if s.pending is not None:  # sampled but never decoded: not in the cache
-            s.pending = None
         res = Result(
             text=s.stream.result_text if s.stream else "",
             finish_reason=reason,
