@@ -7,6 +7,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.support import stop_process
+
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts" / "launcher"
 
 
@@ -33,13 +35,7 @@ class Xvfb:
         raise RuntimeError("could not start Xvfb on any display from :90 to :189")
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, 5)
 
 
 def screenshot(widget, name: str) -> Path:

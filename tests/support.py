@@ -27,6 +27,17 @@ def bundled_model_path() -> str:
     return str(ensure_default_model(quiet=True))
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 10):
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 class ServerProcess:
     """`python koboldcpp.py ...` on a free port; waits until /api/v1/model answers."""
 
@@ -64,13 +75,7 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         self._log.close()
 
     def __enter__(self):

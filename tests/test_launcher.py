@@ -27,7 +27,7 @@ if shutil.which("xdotool") is None:
 
 import koboldcpp  # noqa: E402
 from tests._launcher_util import ARTIFACTS, Xvfb, find_color_box, grab, pump, screenshot, xdotool  # noqa: E402
-from tests.support import KOBOLDCPP, ROOT, free_port  # noqa: E402
+from tests.support import KOBOLDCPP, ROOT, free_port, stop_process  # noqa: E402
 from tests.tinymodel import CHATML_TEMPLATE, tiny_model_path  # noqa: E402
 
 TAB_SHOTS = {"Quick Launch": "quick_launch", "Hardware": "hardware", "Network": "network", "Tokens": "tokens"}
@@ -442,10 +442,5 @@ def test_launch_button_starts_a_server_that_answers(display, tmp_path):
         assert xdotool("search", "--onlyvisible", "--name", "^KoboldCpp Launcher$",
                        display=display).stdout.strip() == "", "the window is still open"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc, 15)
         log.close()

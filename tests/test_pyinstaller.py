@@ -5,7 +5,6 @@ The build takes about a minute on 2 cores; every test here shares it."""
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, bundled_model_path, free_port, http
+from tests._launcher_util import Xvfb
+from tests.support import ROOT, bundled_model_path, free_port, http, stop_process
 
 SOURCES = ["koboldcpp.py", "gguf_loader", "adapters", "launcher_gui", "klite", "build_spec",
            "requirements.txt", "requirements-build.txt"]
@@ -130,36 +130,19 @@ def test_serves_bundled_model(exe, home):
         assert status == 200 and headers["Content-Type"].startswith("text/html") and b"<html" in page.lower()
         assert "Chat completions adapter: Gemma" in log.read_text()
     finally:
-        proc.send_signal(signal.SIGTERM)  # the one-file bootloader passes it on to the Python process
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc, 20)  # SIGTERM: the one-file bootloader passes it on to the Python process
     assert proc.returncode == 0, log.read_text()
 
 
-def _xvfb():
+def _xvfb() -> Xvfb:
     if not (shutil.which("Xvfb") and shutil.which("xdotool")):
         pytest.skip("Xvfb and xdotool are needed (tests/run.sh installs them when run as root)")
-    for n in range(140, 240):
-        if Path(f"/tmp/.X{n}-lock").exists() or Path(f"/tmp/.X11-unix/X{n}").exists():
-            continue
-        p = subprocess.Popen(["Xvfb", f":{n}", "-screen", "0", "1280x800x24", "-nolisten", "tcp"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(100):
-            if p.poll() is not None:
-                break
-            if Path(f"/tmp/.X11-unix/X{n}").exists():
-                return p, f":{n}"
-            time.sleep(0.05)
-        p.kill()
-        p.wait()
-    raise RuntimeError("no free X display for Xvfb")
+    return Xvfb()
 
 
 def test_launcher_opens_on_display(exe, home):
-    xvfb, display = _xvfb()
+    xvfb = _xvfb()
+    display = xvfb.display
     proc = None
     try:
         proc = subprocess.Popen([str(exe)], cwd=str(home), env={"HOME": str(home), "DISPLAY": display},
@@ -175,14 +158,8 @@ def test_launcher_opens_on_display(exe, home):
         time.sleep(0.5)
         assert proc.poll() is None, proc.stdout.read()
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        xvfb.terminate()
-        xvfb.wait(5)
+        if proc is not None:
+            stop_process(proc)  # SIGTERM: the one-file bootloader passes it on to the Python process
+        xvfb.stop()
     out = proc.stdout.read()
     assert "Traceback" not in out and "warning" not in out.lower(), out
