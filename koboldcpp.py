@@ -10,6 +10,8 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
 VERSION = "1.104"  # the KoboldCpp API level we report; Lite and SillyTavern gate features on it
 PROGRAM_VERSION = "0.1.0"
@@ -163,14 +165,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.config:
         explicit = _explicit_dests(parser, argv)
         apply_config(parser, args, load_config_file(args.config), explicit, args.config)
-    if args.model_param and not args.model:
-        args.model = args.model_param
-    args.model_param = None
+    finalize_args(args)
     if args.showgui and args.skiplauncher:
         raise ArgError("--showgui and --skiplauncher cannot be used together")
-    if args.nofastforward:
-        args.noshift = True
     return args
+
+
+def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
+    """What every source of settings (command line, config file, launcher) implies after reading."""
+    if args.model_param and not args.model:  # KoboldCpp's configs name the model here
+        args.model = args.model_param
+    args.model_param = None
+    if args.nofastforward:
+        args.noshift = True  # ContextShift works on top of FastForward
+    return args
+
+
+@dataclass(frozen=True)
+class CliHooks:
+    """What the launcher window needs from the command line; handed to it so it never imports this file."""
+    version: str
+    default_threads: Callable[[], int]
+    build_parser: Callable[[], argparse.ArgumentParser]
+    apply_config: Callable
+    load_config_file: Callable[[str], dict]
+    export_config: Callable
+    finalize: Callable[[argparse.Namespace], argparse.Namespace]
+    arg_error: type
+
+
+def cli_hooks() -> CliHooks:
+    return CliHooks(PROGRAM_VERSION, default_threads, build_parser, apply_config, load_config_file, export_config,
+                    finalize_args, ArgError)
 
 
 def export_config(args: argparse.Namespace, path: str):
@@ -1205,7 +1231,7 @@ def main(argv=None) -> int:
                 return 2
             print(f"Launcher window unavailable ({e}); serving the bundled model instead.")
         else:
-            chosen = run_launcher(args)
+            chosen = run_launcher(args, cli_hooks())
             if chosen is None:
                 print("Launcher closed without launching.")
                 return 0
