@@ -8,9 +8,11 @@ class ApiError(Exception):
     status = 500
     type = "server_error"
 
-    def __init__(self, msg: str, status: int | None = None, type: str | None = None, extra: dict | None = None):
+    def __init__(self, msg: str, status: int | None = None, type: str | None = None, extra: dict | None = None,
+                 param: str | None = None):
         super().__init__(msg)
         self.msg = msg
+        self.param = param  # the request field at fault (OpenAI's `param`)
         if status is not None:
             self.status = status
         if type is not None:
@@ -49,6 +51,11 @@ class PayloadTooLarge(ApiError):
         super().__init__(f"Payload is too big. Max payload size is {limit_mb}MB.")
 
 
+class NotImplementedHere(ApiError):
+    status = 501
+    type = "not_implemented"
+
+
 class Busy(ApiError):
     status = 503
     type = "service_unavailable"
@@ -66,7 +73,7 @@ def error_body(dialect: str, err: ApiError) -> dict:
     """The JSON body for `err` in `dialect` ("kobold", "openai" or "ollama")."""
     if dialect == "openai":
         body = {"error": {"message": err.msg, "type": _OPENAI_TYPES.get(err.status, err.type),
-                          "param": None, "code": err.type}}
+                          "param": err.param, "code": err.type}}
     elif dialect == "ollama":
         body = {"error": err.msg}
     else:

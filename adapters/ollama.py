@@ -1,18 +1,24 @@
-"""Ollama dialect (/api/tags, /api/version, /api/generate, /api/chat): bodies are mapped onto the OpenAI chat and
-completion parsers, replies are shaped as Ollama objects, streamed as NDJSON (one JSON object per line)."""
+"""Ollama dialect (/api/tags, /api/version, /api/generate, /api/chat): bodies parsed into engine requests, replies
+shaped as Ollama objects from the engine's results, streamed as NDJSON (one JSON object per line)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
 from datetime import datetime, timezone
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
-from adapters import instruct, openai as oa
-from adapters.errors import BadRequest
+from gguf_loader.jobs import BudgetError, GenRequest, token_budget
+
+from . import chat, fields as F, instruct, tools as toolmod
+from .chat import Context, Plan
+from .errors import ApiError, BadRequest
+from .run import JobRunner, finish_reason
 
 OLLAMA_VERSION = "0.7.0"
 
+# Ollama option -> the sampler field it sets (fields.SAMPLER_FIELDS names)
 _OPTION_MAP = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "seed": "seed",
                "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
                "repeat_penalty": "rep_pen", "repeat_last_n": "rep_pen_range", "typical_p": "typical",
@@ -32,7 +38,7 @@ def tags(model_name: str, model_path: str = "", metadata: Optional[dict] = None)
     except OSError:
         size, mtime = 0, _now()
     return {"models": [{"name": model_name, "model": model_name + ":latest", "modified_at": mtime, "size": size,
-                        "digest": format(abs(hash(model_path)), "064x")[:64],
+                        "digest": hashlib.sha256(model_path.encode("utf-8", "replace")).hexdigest(),
                         "details": {"parent_model": "", "format": "gguf", "family": arch, "families": [arch],
                                     "parameter_size": "", "quantization_level": ""}}]}
 
@@ -41,164 +47,171 @@ def version() -> dict:
     return {"version": OLLAMA_VERSION}
 
 
-def _common(body) -> dict:
-    """Ollama options -> OpenAI/native fields."""
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    opts = body.get("options")
-    if opts is None:
+def _bad(msg: str, param: Optional[str] = None) -> BadRequest:
+    return BadRequest(msg, param=param)
+
+
+def _template(b: F.Body, ctx: Context, adapter: dict, extra_stops: List[str]) -> GenRequest:
+    """options + format -> the request every choice shares (Ollama's options are checked strictly)."""
+    opts = b.raw("options")
+    if opts is F.MISSING:
         opts = {}
     if not isinstance(opts, dict):
-        raise BadRequest("'options' must be an object")
-    out = {}
-    for k, v in opts.items():
-        if k in _OPTION_MAP:
-            out[_OPTION_MAP[k]] = v
-    n = opts.get("num_predict")
-    if n is not None:
-        if isinstance(n, bool) or not isinstance(n, int):
-            raise BadRequest("'options.num_predict' must be an integer")
-        if n > 0:
-            out["max_tokens"] = n
-    stop = opts.get("stop", body.get("stop"))
-    if stop is not None:
-        out["stop"] = stop
-    fmt = body.get("format")
+        raise _bad("'options' must be an object", "options")
+    o = F.Body(opts)
+    mapped = F.Body({_OPTION_MAP[k]: v for k, v in opts.items() if k in _OPTION_MAP})
+    sampling = F.sampling(mapped, ctx.engine.n_vocab, strict=True,
+                          defaults={k: adapter[k] for k in ("temperature", "top_k", "top_p", "min_p", "rep_pen")
+                                    if k in adapter})
+    n = o.int("num_predict")
+    max_len = n if n is not None and n > 0 else int(adapter.get("max_length") or ctx.default_max_length)
+    try:
+        token_budget(ctx.engine.n_ctx, None, max_len)
+    except BudgetError as e:
+        raise _bad(e.describe("options.num_predict"), "options.num_predict")
+    stop = opts.get("stop", b.data.get("stop"))
+    stops = F.Body({"stop": stop}).strs("stop", F.MAX_STOP_SEQUENCES)
+    fmt = b.data.get("format")
     if fmt == "json":
-        out["response_format"] = {"type": "json_object"}
+        from llama_cpp.llama_grammar import JSON_GBNF
+        sampling.grammar = JSON_GBNF
     elif isinstance(fmt, dict):
-        out["response_format"] = {"type": "json_schema", "json_schema": {"schema": fmt}}
+        sampling.grammar = F.json_schema_to_grammar(fmt, "format")
     elif fmt not in (None, ""):
-        raise BadRequest("'format' must be \"json\" or a JSON schema object")
-    if body.get("adapter") is not None:
-        out["adapter"] = body["adapter"]
-    return out
+        raise _bad("'format' must be \"json\" or a JSON schema object", "format")
+    return GenRequest(prompt="", max_length=max_len, max_context_length=ctx.engine.n_ctx, sampling=sampling,
+                      stop=stops + extra_stops, trim_stop=True)
 
 
-def _images_check(obj, where):
+def _no_images(obj: dict, where: str):
     if obj.get("images"):
-        raise BadRequest(f"{where} has images, but the loaded model has no vision projector; send text only")
+        raise _bad(f"{where} has images, but the loaded model has no vision projector; send text only", "images")
 
 
-def parse_generate(body, ctx: oa.Context) -> oa.Plan:
-    common = _common(body)
-    prompt = body.get("prompt", "")
-    if not isinstance(prompt, str):
-        raise BadRequest("'prompt' must be a string")
-    system = body.get("system") or ""
-    if not isinstance(system, str):
-        raise BadRequest("'system' must be a string")
-    _images_check(body, "the request")
-    adapter = ctx.adapter
-    if body.get("adapter") is not None:
-        try:
-            adapter = instruct.merge_adapter(ctx.adapter, body["adapter"])
-        except instruct.AdapterError as e:
-            raise BadRequest(str(e))
-    context = body.get("context") or []
-    if not isinstance(context, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
-        raise BadRequest("'context' must be an array of token ids")
-    if body.get("raw"):
-        text = (ctx.engine.detokenize(context) if context else "") + prompt
+def parse_generate(body, ctx: Context) -> Plan:
+    b = F.Body(body)
+    prompt, system = b.str("prompt"), b.str("system")
+    _no_images(b.data, "the request")
+    adapter = chat.request_adapter(ctx, b.data.get("adapter"))
+    context = F.token_ids("context", b.data.get("context") or [], ctx.engine.n_vocab)
+    history = ctx.engine.detokenize(context) if context else ""
+    raw = b.bool("raw")
+    if raw:
+        text, stops = history + prompt, []
     else:
         t = instruct.tag
-        text = (t(adapter, "chat_start") + (t(adapter, "system_start") + system + t(adapter, "system_end") if system else "")
-                + (ctx.engine.detokenize(context) if context else "")
-                + t(adapter, "user_start") + prompt + t(adapter, "user_end") + t(adapter, "assistant_gen"))
-        common.setdefault("stop", [])
-        if isinstance(common["stop"], str):
-            common["stop"] = [common["stop"]]
-        common["stop"] = list(common["stop"]) + instruct.chat_stops(adapter)
-    cbody = dict(common, prompt=text, stream=bool(body.get("stream", True)))
-    cbody.pop("adapter", None)
-    return oa.parse_completion(cbody, ctx)
+        text = (t(adapter, "chat_start") + (t(adapter, "system_start") + system + t(adapter, "system_end") if system
+                                            else "")
+                + history + t(adapter, "user_start") + prompt + t(adapter, "user_end") + t(adapter, "assistant_gen"))
+        stops = instruct.chat_stops(adapter)
+    template = _template(b, ctx, adapter, stops)
+    plan = Plan("completion", [], ctx.model_name, "", stream=b.bool("stream", True))
+    plan.requests = chat.for_choices(template, instruct.ChatPrompt(prompt=text), [None])
+    return plan
 
 
-def parse_chat(body, ctx: oa.Context) -> oa.Plan:
-    common = _common(body)
-    msgs = body.get("messages")
+def _messages(msgs) -> List[dict]:
     if not isinstance(msgs, list) or not msgs:
-        raise BadRequest("'messages' must be a non-empty array")
-    converted = []
+        raise _bad("'messages' must be a non-empty array", "messages")
+    out = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
-            raise BadRequest(f"messages[{i}] must be an object")
-        _images_check(m, f"messages[{i}]")
-        mm = {k: v for k, v in m.items() if k in ("role", "content", "tool_call_id", "name")}
-        if m.get("tool_calls"):
+            raise _bad(f"messages[{i}] must be an object", "messages")
+        _no_images(m, f"messages[{i}]")
+        role = m.get("role")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise _bad(f"messages[{i}].role must be system, user, assistant or tool, got {role!r}", "messages")
+        content = m.get("content")
+        if content is not None and not isinstance(content, str):
+            raise _bad(f"messages[{i}].content must be a string", "messages")
+        mm = {"role": role, "content": F.clean_text(content or "")}
+        calls = m.get("tool_calls")
+        if calls:
+            if not isinstance(calls, list):
+                raise _bad(f"messages[{i}].tool_calls must be an array", "messages")
             mm["tool_calls"] = [{"id": f"call_{j}", "type": "function",
                                  "function": {"name": (c.get("function") or {}).get("name", ""),
                                               "arguments": json.dumps((c.get("function") or {}).get("arguments", {}))}}
-                                for j, c in enumerate(m["tool_calls"]) if isinstance(c, dict)]
-            mm.setdefault("content", None)
-        converted.append(mm)
-    cbody = dict(common, messages=converted, stream=bool(body.get("stream", True)))
-    if body.get("tools"):
-        cbody["tools"] = body["tools"]
-    return oa.parse_chat(cbody, ctx)
+                                for j, c in enumerate(calls) if isinstance(c, dict)]
+        name = m.get("tool_name", m.get("name"))
+        if role == "tool":
+            mm["tool_call_id"] = name if isinstance(name, str) else ""
+        out.append(mm)
+    return out
 
 
-def _final(plan: oa.Plan, r, extra: dict, started: float, ctx: oa.Context) -> dict:
-    total_ns = int((time.monotonic() - started) * 1e9)
-    d = {"model": plan.model, "created_at": _now(), **extra, "done": True,
-         "done_reason": r.finish_reason if r.finish_reason in ("stop", "length") else "stop",
-         "total_duration": total_ns, "load_duration": 0, "prompt_eval_count": r.prompt_tokens,
-         "prompt_eval_duration": int(r.process_time * 1e9), "eval_count": r.completion_tokens,
-         "eval_duration": int(r.eval_time * 1e9)}
+def parse_chat(body, ctx: Context) -> Plan:
+    b = F.Body(body)
+    messages = _messages(b.data.get("messages"))
+    adapter = chat.request_adapter(ctx, b.data.get("adapter"))
+    tools, choice = toolmod.validate_tools(b.data.get("tools") or None, None)
+    template = _template(b, ctx, adapter, [])
+    plan = Plan("chat", [], ctx.model_name, "", stream=b.bool("stream", True))
+    return chat.plan_chat(plan, ctx, messages, adapter, template, [None], tools, choice,
+                          jinja=ctx.use_jinja and b.data.get("adapter") is None)
+
+
+# ---------------------------------------------------------------- replies
+
+def _final(plan: Plan, r, piece: dict, started: float, ctx: Context) -> dict:
+    d = {"model": plan.model, "created_at": _now(), **piece, "done": True, "done_reason": finish_reason(r),
+         "total_duration": int((time.monotonic() - started) * 1e9), "load_duration": 0,
+         "prompt_eval_count": r.prompt_tokens, "prompt_eval_duration": int(r.process_time * 1e9),
+         "eval_count": r.completion_tokens, "eval_duration": int(r.eval_time * 1e9)}
     if plan.kind == "completion":
         prompt = plan.requests[0].prompt
-        try:
-            ids = prompt if isinstance(prompt, list) else ctx.engine.tokenize(prompt, add_bos=False)
-            d["context"] = list(ids) + ctx.engine.tokenize(r.text, add_bos=False, special=False)
-        except Exception:
-            d["context"] = []
+        ids = prompt if isinstance(prompt, list) else ctx.engine.tokenize(prompt, add_bos=False)
+        d["context"] = list(ids) + ctx.engine.tokenize(r.text, add_bos=False, special=False)
     return d
 
 
-def run_blocking(plan: oa.Plan, ctx: oa.Context, is_gone=lambda: False) -> dict:
+def _message(r, mode: str) -> dict:
+    msg = {"role": "assistant", "content": r.text}
+    calls = toolmod.parse_calls(r.text) if mode == "forced" else None
+    if calls:
+        msg["content"] = ""
+        msg["tool_calls"] = [{"function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
+    return msg
+
+
+def _piece(plan: Plan, r, mode: str) -> dict:
+    return {"message": _message(r, mode)} if plan.kind == "chat" else {"response": r.text}
+
+
+def run_blocking(plan: Plan, runner: JobRunner, ctx: Context) -> dict:
     started = time.monotonic()
-    reply = oa.run_blocking(plan, ctx.engine, is_gone)
-    c, r = reply["choices"][0], plan.results[0]
-    if plan.kind == "completion":
-        return _final(plan, r, {"response": c["text"]}, started, ctx)
-    msg = {"role": "assistant", "content": c["message"]["content"] or ""}
-    if c["message"].get("tool_calls"):
-        msg["tool_calls"] = [{"function": {"name": t["function"]["name"],
-                                           "arguments": json.loads(t["function"]["arguments"])}}
-                             for t in c["message"]["tool_calls"]]
-    return _final(plan, r, {"message": msg}, started, ctx)
+    mode, results = chat.run(plan, runner)
+    return _final(plan, results[0], _piece(plan, results[0], mode), started, ctx)
 
 
 def _line(obj) -> bytes:
     return (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def start_stream(plan: oa.Plan, ctx: oa.Context) -> Iterator[Optional[bytes]]:
-    """NDJSON: one object per text piece (done false), then the final object. Tool requests are generated whole."""
-    if plan.tool_mode or plan.decide:
-        reply = run_blocking(plan, ctx)
-        return iter([_line(reply)])
-    job = oa._submit(ctx.engine, plan.requests[0])
-    return _stream(plan, ctx, job)
+def start_stream(plan: Plan, runner: JobRunner, ctx: Context) -> Iterator[bytes]:
+    """NDJSON: one object per text piece (done false), then the final one. A tool call comes whole in the final
+    object. The first job is submitted before anything is yielded (a full queue is a 503)."""
+    return _stream(plan, chat.start(plan, runner), ctx)
 
 
-def _stream(plan, ctx, job):
+def _stream(plan: Plan, events, ctx: Context) -> Iterator[bytes]:
     started = time.monotonic()
-    chat = plan.kind == "chat"
+    is_chat = plan.kind == "chat"
+    sent = False
     try:
-        for ev in job.stream(poll=0.5):
-            if ev.kind == "idle":
-                yield None
-            elif ev.kind == "text" and ev.text:
-                piece = {"message": {"role": "assistant", "content": ev.text}} if chat else {"response": ev.text}
+        for ev in events:
+            if ev.kind == "text" and ev.text and ev.mode != "forced":
+                piece = {"message": {"role": "assistant", "content": ev.text}} if is_chat else {"response": ev.text}
+                sent = True
                 yield _line({"model": plan.model, "created_at": _now(), **piece, "done": False})
             elif ev.kind == "done":
-                r = ev.result
-                if r.error:
-                    yield _line({"error": f"generation failed: {r.error}"})
-                    return
-                extra = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
-                yield _line(_final(plan, r, extra, started, ctx))
-    finally:
-        if not job.finished.is_set():
-            job.abort()
+                if ev.mode == "forced":
+                    piece = _piece(plan, ev.result, ev.mode)
+                else:
+                    piece = {"message": {"role": "assistant", "content": ""}} if is_chat else {"response": ""}
+                sent = True
+                yield _line(_final(plan, ev.result, piece, started, ctx))
+    except ApiError as e:
+        if not sent:
+            raise
+        yield _line({"error": e.msg})

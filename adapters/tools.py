@@ -15,42 +15,75 @@ from adapters.errors import BadRequest
 JSON_OBJECT_SCHEMA = {"type": "object"}
 
 
+def _bad(msg: str, param: str) -> BadRequest:
+    return BadRequest(msg, param=param)
+
+
+def _choice_name(tool_choice: dict) -> str:
+    """A named choice: {"type": "function", "function": {"name"}} (Chat) or {"type": "function", "name"}."""
+    fn = tool_choice.get("function")
+    name = fn.get("name") if isinstance(fn, dict) else tool_choice.get("name")
+    if not isinstance(name, str):
+        raise _bad("'tool_choice.function.name' must be a string", "tool_choice")
+    return name
+
+
 def validate_tools(tools, tool_choice):
-    """-> (tools list, choice) where choice is "none" | "auto" | "required" | a function name."""
+    """-> (tools list, choice) where choice is "none" | "auto" | "required" | a function name.
+    tool_choice shapes: a string, a named function, or {"type": "allowed_tools", "allowed_tools": {"mode",
+    "tools"}} (which narrows the tools offered)."""
     if tools is None:
         tools = []
     if not isinstance(tools, list):
-        raise BadRequest("'tools' must be an array of {type: 'function', function: {...}} objects")
+        raise _bad("'tools' must be an array of {type: 'function', function: {...}} objects", "tools")
     names = []
     for i, t in enumerate(tools):
+        if isinstance(t, dict) and t.get("type") == "custom":
+            raise _bad(f"tools[{i}] is a custom tool; this server supports function tools only", "tools")
         fn = t.get("function") if isinstance(t, dict) else None
         if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict):
-            raise BadRequest(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}")
+            raise _bad(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}", "tools")
         name = fn.get("name")
         if not isinstance(name, str) or not name:
-            raise BadRequest(f"tools[{i}].function.name must be a non-empty string")
+            raise _bad(f"tools[{i}].function.name must be a non-empty string", "tools")
         params = fn.get("parameters", JSON_OBJECT_SCHEMA)
         if params is not None and not isinstance(params, dict):
-            raise BadRequest(f"tools[{i}].function.parameters must be a JSON schema object")
+            raise _bad(f"tools[{i}].function.parameters must be a JSON schema object", "tools")
         names.append(name)
     if tool_choice is None:
         choice = "auto" if tools else "none"
     elif isinstance(tool_choice, str):
         if tool_choice not in ("none", "auto", "required"):
-            raise BadRequest("'tool_choice' must be 'none', 'auto', 'required' or {type: 'function', function: {name}}")
+            raise _bad("'tool_choice' must be 'none', 'auto', 'required' or {type: 'function', function: {name}}",
+                       "tool_choice")
         choice = tool_choice
+    elif isinstance(tool_choice, dict) and tool_choice.get("type") == "allowed_tools":
+        allowed = tool_choice.get("allowed_tools")
+        if not isinstance(allowed, dict) or allowed.get("mode") not in ("auto", "required") \
+                or not isinstance(allowed.get("tools"), list):
+            raise _bad("'tool_choice.allowed_tools' must be {mode: 'auto' | 'required', tools: [...]}", "tool_choice")
+        keep = set()
+        for t in allowed["tools"]:
+            if not isinstance(t, dict):
+                raise _bad("'tool_choice.allowed_tools.tools' must hold {type: 'function', function: {name}}",
+                           "tool_choice")
+            keep.add(_choice_name(t))
+        unknown = sorted(keep - set(names))
+        if unknown:
+            raise _bad(f"'tool_choice.allowed_tools' names {unknown[0]!r}, which is not in 'tools'", "tool_choice")
+        tools = [t for t in tools if t["function"]["name"] in keep]
+        names = [n for n in names if n in keep]
+        choice = allowed["mode"]
+    elif isinstance(tool_choice, dict) and tool_choice.get("type") == "custom":
+        raise _bad("'tool_choice' names a custom tool; this server supports function tools only", "tool_choice")
     elif isinstance(tool_choice, dict):
-        fn = tool_choice.get("function")
-        name = fn.get("name") if isinstance(fn, dict) else tool_choice.get("name")
-        if not isinstance(name, str):
-            raise BadRequest("'tool_choice.function.name' must be a string")
-        choice = name
+        choice = _choice_name(tool_choice)
     else:
-        raise BadRequest("'tool_choice' must be a string or an object")
+        raise _bad("'tool_choice' must be a string or an object", "tool_choice")
     if choice not in ("none", "auto") and not tools:
-        raise BadRequest("'tool_choice' needs a non-empty 'tools' list")
+        raise _bad("'tool_choice' needs a non-empty 'tools' list", "tool_choice")
     if choice not in ("none", "auto", "required") and choice not in names:
-        raise BadRequest(f"'tool_choice' names the function {choice!r}, which is not in 'tools'")
+        raise _bad(f"'tool_choice' names the function {choice!r}, which is not in 'tools'", "tool_choice")
     return tools, choice
 
 
@@ -91,8 +124,8 @@ def call_grammar(tools: List[dict], names: List[str]) -> str:
     schema = variants[0] if len(variants) == 1 else {"oneOf": variants}
     try:
         return schema_to_gbnf(schema, prop_order=["name", "arguments"])
-    except Exception as e:  # the converter raises assorted errors on schemas it cannot express
-        raise BadRequest(f"cannot build a grammar from the tool parameters: {e}")
+    except Exception as e:  # the converter raises assorted errors (RecursionError too) on schemas it cannot express
+        raise _bad(f"cannot build a grammar from the tool parameters: {type(e).__name__}: {e}", "tools")
 
 
 def decision_grammar(names: List[str]) -> str:
@@ -118,18 +151,24 @@ def new_call_id() -> str:
     return "call_" + "".join(random.choice("0123456789abcdefghijklmnopqrstuvwxyz") for _ in range(24))
 
 
-def parse_call(text: str) -> Optional[List[dict]]:
-    """Generated JSON -> OpenAI tool_calls (arguments as a JSON string), or None if it did not complete."""
+def parse_calls(text: str) -> Optional[List[dict]]:
+    """Generated JSON -> [{"name", "arguments" (a JSON value)}], or None if it did not complete."""
     try:
         obj = json.loads(text, strict=False)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     calls = obj if isinstance(obj, list) else [obj]
     out = []
     for c in calls:
         if not isinstance(c, dict) or not isinstance(c.get("name"), str):
             return None
-        args = c.get("arguments", {})
-        out.append({"id": new_call_id(), "type": "function",
-                    "function": {"name": c["name"], "arguments": json.dumps(args, ensure_ascii=False)}})
+        out.append({"name": c["name"], "arguments": c.get("arguments", {})})
     return out
+
+
+def parse_call(text: str) -> Optional[List[dict]]:
+    """Generated JSON -> OpenAI tool_calls (arguments as a JSON string, a fresh call id each), or None."""
+    calls = parse_calls(text)
+    return None if calls is None else [{"id": new_call_id(), "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+            for c in calls]

@@ -20,7 +20,9 @@ import numpy as np
 
 import llama_cpp as L
 
-from .jobs import Event, GenRequest, InvalidRequest, Job, QueueFull, Result, TokenLogprob  # noqa: F401 (re-exported)
+from . import grammar as gbnf
+from .jobs import (Event, GenRequest, InvalidRequest, Job, QueueFull, Result, TokenLogprob,  # noqa: F401 (re-exported)
+                   token_budget)
 from .sampling import SamplerChain
 from .textstream import TextStream
 
@@ -142,6 +144,7 @@ class _Slot:
     def __init__(self, seq_id: int):
         self.seq = seq_id
         self.cache: List[int] = []  # tokens whose K/V sit in this sequence
+        self.shifted_at: Optional[int] = None  # cache entries from here on were moved by ContextShift
         self.job: Optional[Job] = None
         self.last_used = 0.0
         self.reset_job()
@@ -226,8 +229,7 @@ class Engine:
         self.last_result: Optional[Result] = None
         self.last_genkey = ""
 
-        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
-        self._thread.start()
+        self._thread = gbnf.start_thread(self._loop, "engine")  # llama.cpp's grammar matching recurses
 
     # ---------- public API (any thread) ----------
 
@@ -238,16 +240,29 @@ class Engine:
         return self.tok.detokenize(ids, special)
 
     def validate(self, req: GenRequest):
-        """Raise InvalidRequest for what can never run, before the request takes a place in the queue."""
+        """Raise InvalidRequest for what can never run, before the request takes a place in the queue: token ids
+        outside the vocabulary, a generation length with no room for a prompt, a grammar llama.cpp refuses."""
         if isinstance(req.prompt, list):
             bad = [t for t in req.prompt if not (isinstance(t, int) and 0 <= t < self.n_vocab)]
             if bad:
                 raise InvalidRequest(f"token id {bad[0]!r} is outside the vocabulary (0..{self.n_vocab - 1})")
+        self.budget(req)
         if req.sampling.grammar:
-            g = L.llama_sampler_init_grammar(self.vocab, req.sampling.grammar.encode("utf-8"), b"root")
-            if not g:
-                raise InvalidRequest("the grammar could not be parsed (GBNF with a 'root' rule expected)")
-            L.llama_sampler_free(g)
+            self.check_grammar(req.sampling.grammar)
+
+    def check_grammar(self, text: str):
+        try:
+            gbnf.check(text)
+        except gbnf.GrammarError as e:
+            raise InvalidRequest(str(e))
+
+        def parse():
+            g = L.llama_sampler_init_grammar(self.vocab, text.encode("utf-8", "replace"), b"root")
+            if g:
+                L.llama_sampler_free(g)
+            return bool(g)
+        if not gbnf.on_big_stack(parse):
+            raise InvalidRequest("the grammar could not be parsed (GBNF with a 'root' rule expected)")
 
     @functools.cached_property
     def eog_ids(self) -> List[int]:
@@ -282,37 +297,24 @@ class Engine:
             return bool(self._running or self._waiting)
 
     def perf(self) -> dict:
+        """Counters about the last generation and the queue (dialect-neutral; the routes shape them)."""
         r = self.last_result
         with self._lock:
             q, idle = len(self._waiting), not (self._running or self._waiting)
-        pt = r.process_time if r else 0.0
-        et = r.eval_time if r else 0.0
-        n_in = (r.prompt_tokens - r.cached_tokens) if r else 0
-        n_out = r.completion_tokens if r else 0
+        now = time.time()
         return {
-            "last_process": round(pt * 1000 / n_in, 3) if n_in else 0,
-            "last_eval": round(et * 1000 / n_out, 3) if n_out else 0,
-            "last_token_count": n_out,
-            "last_input_count": r.prompt_tokens if r else 0,
-            "last_process_time": round(pt, 4),
-            "last_eval_time": round(et, 4),
-            "last_process_speed": round(n_in / pt, 2) if pt > 0 else 0,
-            "last_eval_speed": round(n_out / et, 2) if et > 0 else 0,
-            "last_seed": r.seed if r else 0,
+            "last_prompt_tokens": r.prompt_tokens if r else 0,
             "last_cached_tokens": r.cached_tokens if r else 0,
-            "last_draft_success": 0,
-            "last_draft_failed": 0,
+            "last_completion_tokens": r.completion_tokens if r else 0,
+            "last_process_time": r.process_time if r else 0.0,
+            "last_eval_time": r.eval_time if r else 0.0,
+            "last_seed": r.seed if r else 0,
+            "last_stop_reason": r.stop_reason if r else -1,
             "total_gens": self.total_gens,
-            "stop_reason": r.stop_reason if r else -1,
-            "total_img_gens": 0,
-            "total_tts_gens": 0,
-            "total_transcribe_gens": 0,
             "queue": q,
             "idle": 1 if idle else 0,
-            "hordeexitcounter": 0,
-            "uptime": round(time.time() - self.started_at, 2),
-            "idletime": round(time.time() - self.idle_since, 2) if idle else 0,
-            "quiet": self.cfg.quiet,
+            "uptime": round(now - self.started_at, 2),
+            "idletime": round(now - self.idle_since, 2) if idle else 0,
         }
 
     def close(self):
@@ -340,10 +342,22 @@ class Engine:
 
     # ---------- embeddings (own context, caller's thread) ----------
 
+    @property
+    def embed_model_name(self) -> Optional[str]:
+        """The --embeddingsmodel file's name (None: the main model embeds)."""
+        p = self.cfg.embedding_model_path
+        return os.path.splitext(os.path.basename(p))[0] if p else None
+
+    def embed_limits(self) -> tuple:
+        """(tokens per input, vocabulary size) of the embedding model."""
+        with self._embed_lock:
+            self._ensure_embed_ctx()
+            return self._embed_nctx, self._embed_vocab.n_vocab
+
     def embed_tokenize(self, text: str) -> List[int]:
         with self._embed_lock:
             self._ensure_embed_ctx()
-            return _Vocab(self._embed_model or self.model).tokenize(text, True, False)
+            return self._embed_vocab.tokenize(text, True, False)
 
     def _ensure_embed_ctx(self):
         if self._embed_ctx:
@@ -367,14 +381,21 @@ class Engine:
         if not ctx:
             raise ModelLoadError("llama.cpp could not create an embeddings context")
         self._embed_ctx = ctx
+        self._embed_vocab = _Vocab(model)
         self._embed_nctx = cp.n_ctx
         self._embed_dim = L.llama_model_n_embd(model)
 
     def embed(self, inputs: List[List[int]]) -> List[List[float]]:
-        """One mean-pooled, L2-normalised vector per token list (lists longer than the context are cut)."""
+        """One mean-pooled, L2-normalised vector per token list (lists longer than the context are cut).
+        Raises InvalidRequest for token ids outside the embedding model's vocabulary."""
         out = []
         with self._embed_lock:
             self._ensure_embed_ctx()
+            n_vocab = self._embed_vocab.n_vocab
+            for toks in inputs:
+                bad = [t for t in toks if not (isinstance(t, int) and 0 <= t < n_vocab)]
+                if bad:
+                    raise InvalidRequest(f"token id {bad[0]!r} is outside the vocabulary (0..{n_vocab - 1})")
             ctx = self._embed_ctx
             mem = L.llama_get_memory(ctx)
             batch = L.llama_batch_init(self._embed_nctx, 0, 1)
@@ -436,6 +457,7 @@ class Engine:
                 continue
             try:
                 prompt = self._build_prompt(job.request)
+                _, max_new = self.budget(job.request)
             except Exception as e:
                 job.finish(Result(text="", finish_reason="stop", stop_reason=-1, prompt_tokens=0,
                                   completion_tokens=0, error=str(e)))
@@ -443,7 +465,7 @@ class Engine:
             slot = max(free, key=lambda s: (self._common_prefix(s.cache, prompt), -s.last_used))
             self._running.append(job)
             try:
-                self._start(slot, job, prompt)
+                self._start(slot, job, prompt, max_new)
             except Exception as e:
                 self._running.remove(job)
                 slot.job = None
@@ -460,29 +482,26 @@ class Engine:
         diff = np.flatnonzero(aa != bb)
         return int(diff[0]) if len(diff) else n
 
-    def budget(self, req: GenRequest):
-        """(context, generation budget) for a request, as KoboldCpp computes them."""
-        n_ctx = max(16, min(int(req.max_context_length or self.n_ctx), self.n_ctx))
-        max_new = max(1, int(req.max_length))
-        reserve = max(16, n_ctx // 5)  # always leave room for some prompt
-        if max_new > n_ctx - reserve:
-            max_new = max(1, n_ctx - reserve)
-        return n_ctx, max_new
+    def budget(self, req: GenRequest) -> tuple:
+        """(context, tokens to generate) for a request: jobs.token_budget on this engine's context."""
+        return token_budget(self.n_ctx, req.max_context_length, req.max_length)
 
     def _build_prompt(self, req: GenRequest) -> List[int]:
+        """The prompt tokens, trimmed from the front to fit the budget, keeping BOS and memory; memory and prompt
+        are tokenized as one text when they fit."""
         n_ctx, max_new = self.budget(req)
-        if isinstance(req.prompt, list):
-            body = [int(t) for t in req.prompt]
-            bad = [t for t in body if not 0 <= t < self.n_vocab]
-            if bad:
-                raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
-            mem = self.tokenize(req.memory, add_bos=False, special=req.tokenize_special) if req.memory else []
-            bos = []
+        special = req.tokenize_special
+        if isinstance(req.prompt, list):  # ids were checked by validate()
+            bos, mem, body = [], self.tokenize(req.memory, False, special) if req.memory else [], list(req.prompt)
         else:
             add_bos = req.add_bos and L.llama_vocab_get_add_bos(self.vocab)
             bos = [L.llama_vocab_bos(self.vocab)] if add_bos else []
-            mem = self.tokenize(req.memory, add_bos=False, special=req.tokenize_special) if req.memory else []
-            body = self.tokenize(req.prompt, add_bos=False, special=req.tokenize_special) if req.prompt else []
+            text = req.memory + req.prompt
+            whole = self.tokenize(text, add_bos=False, special=special) if text else []
+            mem, body = [], whole
+            if req.memory and len(bos) + len(whole) > n_ctx - max_new:
+                mem = self.tokenize(req.memory, add_bos=False, special=special)
+                body = self.tokenize(req.prompt, add_bos=False, special=special) if req.prompt else []
         room = n_ctx - max_new - len(bos)
         if len(mem) > room:
             mem = mem[len(mem) - room:] if room > 0 else []
@@ -494,14 +513,13 @@ class Engine:
             prompt = [L.llama_vocab_bos(self.vocab)]
         return prompt
 
-    def _start(self, slot: _Slot, job: Job, prompt: List[int]):
+    def _start(self, slot: _Slot, job: Job, prompt: List[int], max_new: int):
         req = job.request
         slot.reset_job()
         slot.job = job
         slot.prompt = prompt
         slot.t_start = time.monotonic()
-        _, slot.max_new = self.budget(req)
-        slot.max_new = min(slot.max_new, self.n_ctx - len(prompt))
+        slot.max_new = max_new
         seed = req.sampling.seed
         slot.seed = seed if seed is not None and seed >= 0 else random.randint(0, 2**31 - 1)
         slot.stream = TextStream(req.stop, req.trim_stop, req.banned_phrases)
@@ -510,13 +528,25 @@ class Engine:
         keep = self._common_prefix(slot.cache, prompt) if self.cfg.fastforward else 0
         if keep >= len(prompt):
             keep = len(prompt) - 1  # re-decode the last prompt token to get fresh logits
+        # Entries moved by ContextShift differ slightly from freshly computed ones. The request that shifts uses
+        # them, and so may a request at the context's edge (the next turn of a long chat); any other request
+        # reprocesses from the first moved entry, so it gets exactly a cold run's text (README, "Reproducible").
+        at_edge = len(slot.cache) + len(prompt) - keep + max_new > self.n_ctx
+        shifted = keep
         if self.cfg.fastforward and self.cfg.contextshift and self.can_shift:
-            keep = self._context_shift(slot, prompt, keep)
+            shifted = self._context_shift(slot, prompt, keep)
+        if shifted > keep:
+            slot.shifted_at = keep if slot.shifted_at is None else min(keep, slot.shifted_at)
+            keep = shifted
+        elif slot.shifted_at is not None and keep > slot.shifted_at and not at_edge:
+            keep = slot.shifted_at
         if keep < len(slot.cache):
             if not L.llama_memory_seq_rm(self.mem, slot.seq, keep, -1):
                 L.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
                 keep = 0
             del slot.cache[keep:]
+        if slot.shifted_at is not None and slot.shifted_at >= len(slot.cache):
+            slot.shifted_at = None
         slot.n_prompt_done = keep
         slot.cached = keep
         job.started.set()

@@ -79,7 +79,7 @@ class TokenLogprob:
 class Result:
     text: str
     finish_reason: str  # "stop" (EOS or stop string), "length" (token budget), "abort"
-    stop_reason: int  # KoboldCpp's perf code: 0 out of tokens, 1 EOS, 2 stop sequence, -1 aborted/invalid
+    stop_reason: int  # why it ended: 0 token budget, 1 end-of-generation token, 2 stop string, -1 aborted/failed
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens served from the KV cache
@@ -93,7 +93,7 @@ class Result:
 
 @dataclass
 class Event:
-    kind: str  # "text" | "done"
+    kind: str  # "text" | "done" | "idle" (Job.stream only: nothing arrived within its poll interval)
     text: str = ""
     logprobs: Optional[List[TokenLogprob]] = None
     result: Optional[Result] = None
@@ -105,6 +105,33 @@ class QueueFull(Exception):
 
 class InvalidRequest(ValueError):
     """The request can never run (a grammar that does not parse, token ids outside the vocabulary): a client error."""
+
+
+class BudgetError(InvalidRequest):
+    """A generation length that cannot fit the context; `asked` and `context` let each dialect name its field."""
+
+    def __init__(self, asked: int, context: int):
+        self.asked, self.context = asked, context
+        super().__init__(self.describe("max_length"))
+
+    def describe(self, field: str) -> str:
+        if self.asked < 1:
+            return f"'{field}' must be at least 1, got {self.asked}"
+        return (f"'{field}' is {self.asked}, but the context holds {self.context} tokens and the prompt needs at "
+                f"least one: ask for at most {self.context - 1}")
+
+
+def token_budget(n_ctx: int, max_context_length: Optional[int], max_length: int) -> tuple:
+    """The one rule for every dialect: -> (context, tokens to generate).
+
+    The context is the server's, or the request's max_context_length when smaller. A request gets exactly the
+    tokens it asks for, or BudgetError (a 400) when they leave no room for a prompt. The prompt is then trimmed
+    from the front to context - max_length tokens, keeping BOS and memory (KoboldCpp's behaviour), so prompt plus
+    generation always fit and generation ends at max_length, never earlier for lack of room."""
+    ctx = n_ctx if not max_context_length else max(1, min(int(max_context_length), n_ctx))
+    if max_length < 1 or max_length >= ctx:
+        raise BudgetError(int(max_length), ctx)
+    return ctx, int(max_length)
 
 
 class Job:

@@ -487,19 +487,18 @@ def test_queue_full_is_503():
 
 def test_handler_crash_is_500_json_and_traceback_in_log(capfd):
     """In-process: a route that raises gets a short JSON 500; the traceback goes to the server's stderr."""
-    import argparse
-    import koboldcpp
     from adapters import kobold
+    from adapters.chat import Context
+    from server.app import ServerState, build_server
 
-    @koboldcpp.route("GET", "/test/crash")
     def crash(h):
         raise RuntimeError("boom inside handler")
 
-    old = koboldcpp.STATE
-    koboldcpp.STATE = koboldcpp.ServerState(args=argparse.Namespace(maxrequestsize=1, quiet=True), engine=None,
-                                            model_name="koboldcpp/x", password=None, max_body=1 << 20,
-                                            defaults=kobold.GenDefaults())
-    srv = koboldcpp.Server(("127.0.0.1", 0), koboldcpp.Handler)
+    state = ServerState(engine=None, model_name="koboldcpp/x", password=None, max_body=1 << 20, quiet=True,
+                        defaults=kobold.GenDefaults(), chat=Context(engine=None, model_name="koboldcpp/x"),
+                        program_version="test")
+    srv = build_server("127.0.0.1", 0, state)
+    srv.routes.add("GET", "/test/crash", crash)  # this server's own table: nothing global is patched
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     try:
@@ -510,5 +509,3 @@ def test_handler_crash_is_500_json_and_traceback_in_log(capfd):
     finally:
         srv.shutdown()
         srv.server_close()
-        koboldcpp.ROUTES.pop(("GET", "/test/crash"), None)
-        koboldcpp.STATE = old

@@ -6,9 +6,10 @@ import struct
 
 import pytest
 
-from adapters import instruct, kobold, openapi, tools as toolmod
+from adapters import instruct, openapi, tools as toolmod
 from adapters import openai as oa
 from adapters.errors import ApiError, BadRequest
+from adapters.run import JobRunner
 from gguf_loader.engine import Engine, EngineConfig
 from gguf_loader.jobs import TokenLogprob
 from tests.tinymodel import CHATML_TEMPLATE, tiny_model_path
@@ -25,11 +26,8 @@ def engine():
 
 def make_ctx(engine, preset=None, jinja=False):
     name, adapter = instruct.load_adapter(preset)
-    defaults = kobold.GenDefaults(max_length=32, max_context_length=engine.n_ctx, n_vocab=engine.n_vocab,
-                                  instruct_tags=adapter)
     return oa.Context(engine=engine, model_name="koboldcpp/tiny", adapter_name=name, adapter=adapter,
-                      use_jinja=jinja, default_max_length=32,
-                      make_request=lambda nat: kobold.parse_generate(nat, defaults), log=lambda s: None)
+                      use_jinja=jinja, default_max_length=32, log=lambda s: None)
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +175,7 @@ def test_tool_call_parsing():
 def test_blocking_shapes_n_and_logprobs(ctx):
     plan = oa.parse_chat({"messages": MSG, "max_tokens": 4, "n": 2, "logprobs": True, "top_logprobs": 2,
                           "temperature": 0, "ban_eos_token": True}, ctx)
-    out = oa.run_blocking(plan, ctx.engine)
+    out = oa.run_blocking(plan, JobRunner(ctx.engine))
     assert out["object"] == "chat.completion" and [c["index"] for c in out["choices"]] == [0, 1]
     for c in out["choices"]:
         assert c["finish_reason"] == "length" and len(c["logprobs"]["content"]) == 4
@@ -188,9 +186,9 @@ def test_blocking_shapes_n_and_logprobs(ctx):
 
 def test_stream_matches_blocking_and_frames(ctx):
     body = {"messages": MSG, "max_tokens": 6, "seed": 3, "temperature": 0.9, "ban_eos_token": True}
-    full = oa.run_blocking(oa.parse_chat(body, ctx), ctx.engine)
+    full = oa.run_blocking(oa.parse_chat(body, ctx), JobRunner(ctx.engine))
     plan = oa.parse_chat(dict(body, stream=True, stream_options={"include_usage": True}), ctx)
-    ev = sse_events(oa.start_stream(plan, ctx.engine))
+    ev = sse_events(oa.start_stream(plan, JobRunner(ctx.engine)))
     assert ev[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in ev if e["choices"])
     assert text == full["choices"][0]["message"]["content"]
@@ -202,7 +200,7 @@ def test_stream_matches_blocking_and_frames(ctx):
 
 def test_stream_n2_sends_each_choice_with_its_index(ctx):
     plan = oa.parse_chat({"messages": MSG, "max_tokens": 3, "n": 2, "stream": True, "ban_eos_token": True}, ctx)
-    ev = sse_events(oa.start_stream(plan, ctx.engine))
+    ev = sse_events(oa.start_stream(plan, JobRunner(ctx.engine)))
     for i in (0, 1):
         mine = [e["choices"][0] for e in ev if e["choices"][0]["index"] == i]
         assert mine[0]["delta"]["role"] == "assistant" and mine[-1]["finish_reason"] == "length"
@@ -211,29 +209,29 @@ def test_stream_n2_sends_each_choice_with_its_index(ctx):
 
 def test_stop_string_is_never_shown(ctx):
     base = oa.run_blocking(oa.parse_completion({"prompt": "once upon a", "max_tokens": 12, "temperature": 0,
-                                                "ban_eos_token": True}, ctx), ctx.engine)
+                                                "ban_eos_token": True}, ctx), JobRunner(ctx.engine))
     text = base["choices"][0]["text"]
     stop = text[len(text) // 2:][:3]
     assert stop.strip()
     again = oa.run_blocking(oa.parse_completion({"prompt": "once upon a", "max_tokens": 12, "temperature": 0,
-                                                 "ban_eos_token": True, "stop": [stop]}, ctx), ctx.engine)
+                                                 "ban_eos_token": True, "stop": [stop]}, ctx), JobRunner(ctx.engine))
     c = again["choices"][0]
     assert stop not in c["text"] and c["finish_reason"] == "stop" and text.startswith(c["text"])
     ev = sse_events(oa.start_stream(oa.parse_completion({"prompt": "once upon a", "max_tokens": 12, "temperature": 0,
                                                          "ban_eos_token": True, "stop": stop, "stream": True}, ctx),
-                                    ctx.engine))
+                                    JobRunner(ctx.engine)))
     assert "".join(e["choices"][0]["text"] for e in ev) == c["text"]
 
 
 def test_forced_tool_call_runs_and_streams(ctx):
     body = {"messages": MSG, "tools": TOOLS, "tool_choice": "required", "max_tokens": 60, "temperature": 0}
-    out = oa.run_blocking(oa.parse_chat(body, ctx), ctx.engine)
+    out = oa.run_blocking(oa.parse_chat(body, ctx), JobRunner(ctx.engine))
     c = out["choices"][0]
     if c["finish_reason"] == "tool_calls":  # random weights may wander inside a string until the budget ends
         call = c["message"]["tool_calls"][0]
         assert call["function"]["name"] in ("add", "noop") and c["message"]["content"] is None
         json.loads(call["function"]["arguments"])
-    ev = sse_events(oa.start_stream(oa.parse_chat(dict(body, stream=True), ctx), ctx.engine))
+    ev = sse_events(oa.start_stream(oa.parse_chat(dict(body, stream=True), ctx), JobRunner(ctx.engine)))
     assert ev[0]["choices"][0]["delta"]["role"] == "assistant"
     fr = ev[-1]["choices"][0]["finish_reason"]
     deltas = [d for e in ev for d in e["choices"][0]["delta"].get("tool_calls", [])]
@@ -256,7 +254,7 @@ def test_queue_full_is_503(engine):
         pass
     try:
         with pytest.raises(ApiError) as e:
-            oa.start_stream(plan, engine)
+            oa.start_stream(plan, JobRunner(engine))
         assert e.value.status == 503
     finally:
         for j in jobs:

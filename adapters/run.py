@@ -1,0 +1,74 @@
+"""Running engine jobs for any route and dialect: submit with one error mapping, follow a job to its end while
+checking for a vanished client at one interval, and abort the job whenever the follower stops early."""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterator
+
+from gguf_loader.jobs import Event, GenRequest, InvalidRequest, Job, QueueFull, Result
+
+from .errors import ApiError, BadRequest, Busy
+
+POLL_S = 0.25  # how often a waiting route looks for a client that hung up
+
+
+class ClientGone(Exception):
+    """The client closed its connection: the route stops and its job is aborted."""
+
+
+class JobRunner:
+    def __init__(self, engine, is_gone: Callable[[], bool] = lambda: False, poll: float = POLL_S):
+        self.engine = engine
+        self.is_gone = is_gone
+        self.poll = poll
+
+    def submit(self, req: GenRequest, wait_s: float = 0.0) -> Job:
+        """Queue a job. A full queue is a 503 (retried for `wait_s` seconds: later choices of one request); a request
+        that can never run (bad grammar, token ids outside the vocabulary, no room in the context) is a 400."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self.engine.submit(req)
+            except InvalidRequest as e:
+                raise BadRequest(str(e))
+            except QueueFull:
+                if time.monotonic() >= deadline or self.is_gone():
+                    raise Busy()
+                time.sleep(0.2)
+
+    def follow(self, job: Job) -> Iterator[Event]:
+        """The job's "text" events, then its "done" event. Raises ClientGone when the client hangs up; the job is
+        aborted if the follower is closed before the job ends."""
+        last = time.monotonic()
+        try:
+            for ev in job.stream(poll=self.poll):
+                if ev.kind != "idle":
+                    yield ev
+                    if ev.kind == "done":
+                        return
+                now = time.monotonic()
+                if now - last >= self.poll:
+                    last = now
+                    if self.is_gone():
+                        raise ClientGone()
+        finally:
+            if not job.finished.is_set():
+                job.abort()
+
+    def wait(self, job: Job) -> Result:
+        for ev in self.follow(job):
+            if ev.kind == "done":
+                return ev.result
+        raise ApiError("the job ended without a result")  # unreachable: follow always ends with "done"
+
+
+def check(result: Result) -> Result:
+    """A job that failed inside the engine (llama.cpp refused a decode) answers an error, not an empty reply."""
+    if result.error:
+        raise ApiError(f"generation failed: {result.error}", 500, "server_error")
+    return result
+
+
+def finish_reason(result: Result) -> str:
+    """OpenAI and Ollama's reason: "length" when the token budget ran out, else "stop" (EOS, stop string, abort)."""
+    return "length" if result.finish_reason == "length" else "stop"

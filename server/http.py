@@ -1,0 +1,438 @@
+"""The HTTP front: a stdlib ThreadingHTTPServer whose `state` and `routes` are built per server (server/app.py),
+and the request handler's plumbing (body reading, JSON, auth, CORS, JSON errors, SSE/NDJSON streams).
+
+Nothing here knows a dialect's fields: routes (server/routes_*.py) parse through adapters/ and hand the engine a job.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import select
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+from adapters import sse
+from adapters.errors import ApiError, BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, Unauthorized, error_body
+from adapters.fields import clean_text
+from adapters.run import ClientGone, JobRunner
+
+MAX_JSON_DEPTH = 128  # deeper bodies are refused before any code walks them recursively
+_CORS_HEADERS = (
+    ("Access-Control-Allow-Origin", "*"),
+    ("Access-Control-Allow-Methods", "*"),
+    ("Access-Control-Allow-Headers", "*, Accept, Content-Type, Content-Length, Cache-Control, Accept-Encoding, "
+                                     "X-CSRF-Token, Client-Agent, X-Fields, Authorization, X-Requested-With, "
+                                     "X-HTTP-Method-Override, apikey, genkey"),
+    ("Access-Control-Allow-Private-Network", "true"),  # Chrome: public-origin pages calling localhost
+)
+
+
+def log_line(line: str):
+    """Print one log line; never fails on a console that cannot show some characters."""
+    enc = getattr(sys.stdout, "encoding", None) or "utf-8"
+    try:
+        print(line.encode(enc, "replace").decode(enc, "replace"), flush=True)
+    except (OSError, ValueError, LookupError):
+        pass
+
+
+# ---------------------------------------------------------------- routes
+
+@dataclass
+class Route:
+    fn: Callable  # fn(handler)
+    auth: bool = False  # needs 'Authorization: Bearer <--password>' when a password is set
+    dialect: str = "kobold"  # shape of error bodies: "kobold" | "openai" | "ollama"
+
+
+@dataclass
+class RouteTable:
+    """Exact paths (also matched as a suffix, as KoboldCpp does, so a reverse-proxy prefix works), paths with an
+    id in them (regexes), and path prefixes (static files)."""
+    exact: Dict[Tuple[str, str], Route] = field(default_factory=dict)
+    patterns: List[Tuple[str, "re.Pattern", str, Route]] = field(default_factory=list)  # method, regex, doc path
+    prefixes: List[Tuple[str, str, Callable, Route]] = field(default_factory=list)  # method, prefix, fn(h, rest)
+
+    def add(self, methods, paths, fn, auth=False, dialect="kobold"):
+        for m in [methods] if isinstance(methods, str) else methods:
+            for p in [paths] if isinstance(paths, str) else paths:
+                self.exact[(m.upper(), p)] = Route(fn, auth, dialect)
+
+    def add_pattern(self, method: str, regex: str, doc_path: str, fn, auth=False, dialect="kobold"):
+        self.patterns.append((method, re.compile(regex), doc_path, Route(fn, auth, dialect)))
+
+    def add_prefix(self, method: str, prefix: str, fn, dialect="kobold"):
+        self.prefixes.append((method, prefix, fn, Route(fn, False, dialect)))
+
+    def described(self) -> List[Tuple[str, str, bool, str]]:
+        """(METHOD, path, auth, dialect) of every route, for the OpenAPI document."""
+        out = [(m, p, r.auth, r.dialect) for (m, p), r in self.exact.items()]
+        return out + [(m, doc, r.auth, r.dialect) for m, _, doc, r in self.patterns]
+
+    def resolve(self, method: str, path: str) -> Route:
+        r = self.exact.get((method, path))
+        if r:
+            return r
+        for m, rx, _, route in self.patterns:
+            if m == method and rx.fullmatch(path):
+                return route
+        for m, prefix, fn, route in self.prefixes:
+            if m == method and path.startswith(prefix):
+                rest = path[len(prefix):]
+                return Route(lambda h, fn=fn, rest=rest: fn(h, rest), route.auth, route.dialect)
+        best = None  # suffix match: the longest registered path wins
+        for (m, p), cand in self.exact.items():
+            if m == method and len(p) > 1 and path.endswith(p) and (best is None or len(p) > len(best[0])):
+                best = (p, cand)
+        if best:
+            return best[1]
+        allowed = sorted({m for (m, p) in self.exact if p == path or (len(p) > 1 and path.endswith(p))})
+        if allowed:
+            raise MethodNotAllowed(f"{method} is not allowed on {path}; use {', '.join(allowed)}",
+                                   extra={"allow": allowed})
+        raise NotFound(f"KoboldCpp HTTP Server is running, but this endpoint does not exist: {path}")
+
+
+def normalize_path(raw: str) -> str:
+    path = raw.split("?", 1)[0].split("#", 1)[0] or "/"
+    if len(path) > 1:
+        path = path.rstrip("/") or "/"
+    if "/api/latest/" in path + "/":
+        path = (path + "/").replace("/api/latest/", "/api/v1/", 1).rstrip("/")
+    return path
+
+
+# ---------------------------------------------------------------- JSON bodies
+
+def _depth_and_clean(obj):
+    """Depth check (iterative, so a deep body cannot exhaust the stack) and lone surrogates -> U+FFFD, in place."""
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if d > MAX_JSON_DEPTH:
+            raise BadRequest(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep")
+        if isinstance(o, dict):
+            for k in list(o):
+                v = o[k]
+                if isinstance(v, str):
+                    o[k] = clean_text(v)
+                elif isinstance(v, (dict, list)):
+                    stack.append((v, d + 1))
+                ck = clean_text(k)
+                if ck is not k:
+                    o[ck] = o.pop(k)
+        elif isinstance(o, list):
+            for i, v in enumerate(o):
+                if isinstance(v, str):
+                    o[i] = clean_text(v)
+                elif isinstance(v, (dict, list)):
+                    stack.append((v, d + 1))
+    return obj
+
+
+def parse_json(raw: bytes):
+    """A request body as JSON (empty: {}): strict UTF-8, bounded nesting, lone surrogates replaced everywhere."""
+    if not raw.strip():
+        return {}
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("Error parsing input: the body is not UTF-8 text")
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise BadRequest(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep")
+    except ValueError as e:
+        raise BadRequest(f"Error parsing input: {e}")
+    if isinstance(obj, str):
+        return clean_text(obj)
+    return _depth_and_clean(obj) if isinstance(obj, (dict, list)) else obj
+
+
+# ---------------------------------------------------------------- handler
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "KoboldCppServer"
+    sys_version = ""
+    protocol_version = "HTTP/1.1"  # keep-alive for normal replies; streams close the connection
+    timeout = 300  # seconds a socket may sit idle (keep-alive, slow uploads) before the thread gives up
+
+    # ---- plumbing ----
+
+    @property
+    def state(self):
+        return self.server.state
+
+    def version_string(self):
+        return self.server_version
+
+    def log_message(self, fmt, *args):  # the stdlib's per-request lines are replaced by ours
+        pass
+
+    def _cors(self):
+        for k, v in _CORS_HEADERS:
+            self.send_header(k, v)
+
+    def send_bytes(self, status: int, data: bytes, content_type: str, headers=()):
+        self.status_sent = status
+        self.send_response(status)
+        self._cors()
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        for k, v in headers:
+            self.send_header(k, v)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self._headers_buffer.append(b"\r\n")
+        if self.command != "HEAD" and data:
+            self._headers_buffer.append(data)  # headers and body in one write: one packet for small replies
+        self.flush_headers()
+
+    def send_json(self, status: int, obj, headers=()):
+        self.send_bytes(status, json.dumps(obj).encode("utf-8"), "application/json", headers)
+
+    def send_error_json(self, err: ApiError, dialect: str):
+        headers = []
+        if isinstance(err, MethodNotAllowed):
+            headers.append(("Allow", ", ".join(err.extra.get("allow", []))))
+            err.extra = {}
+        self.send_json(err.status, error_body(dialect, err), headers)
+
+    def send_error(self, code, message=None, explain=None):
+        """The stdlib's own errors (malformed request line, unsupported method, ...) as JSON too."""
+        self.close_connection = True
+        self.status_sent = code
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+            self.request_version = "HTTP/1.1"  # garbage or TLS bytes: still answer with a status line
+        if not hasattr(self, "command"):
+            self.command = None
+        msg = message or self.responses.get(code, ("error",))[0]
+        err = ApiError(msg, status=code, type="bad_input" if 400 <= code < 500 else "server_error")
+        try:
+            self.send_bytes(code, json.dumps(error_body("kobold", err)).encode(), "application/json")
+        except OSError:
+            pass
+        path = getattr(self, "path", "-")
+        log_line(f"{self.client_address[0]} {self.command or '-'} {path[:200]!r} {code}")
+
+    def _start_stream(self, headers):
+        """200 + stream headers; the stream ends when we close the socket (HTTP/1.0 style, as KoboldCpp)."""
+        self.status_sent = 200
+        self.close_connection = True
+        self.send_response(200)
+        self._cors()
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.flush()
+
+    def write(self, data: bytes):
+        try:
+            self.wfile.write(data)
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionError, OSError) as e:
+            raise ClientGone() from e
+
+    def pump(self, chunks: Iterator[bytes], ndjson: bool = False):
+        """Write a stream. Headers go out with the first chunk, so an error raised before it is still a JSON
+        reply with its status; closing the iterator (always) aborts whatever job it follows."""
+        headers = (("Content-Type", "application/x-ndjson"), ("Cache-Control", "no-cache")) if ndjson \
+            else sse.SSE_HEADERS
+        try:
+            for c in chunks:
+                if self.status_sent is None:
+                    self._start_stream(headers)
+                self.write(c)
+            if self.status_sent is None:
+                self._start_stream(headers)
+        finally:
+            getattr(chunks, "close", lambda: None)()
+
+    def client_gone(self) -> bool:
+        """True when the client closed its side (readable with no data). Pipelined bytes count as alive."""
+        try:
+            r, _, _ = select.select([self.connection], [], [], 0)
+            if not r:
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def runner(self) -> JobRunner:
+        """Runs jobs for this request, aborting them when this client hangs up."""
+        return JobRunner(self.state.engine, self.client_gone)
+
+    def _content_length(self) -> Optional[int]:
+        values = self.headers.get_all("Content-Length") or []
+        # RFC 9112: differing lengths (or a length beside chunked coding) must be refused: a smuggling risk
+        parts = {p.strip() for v in values for p in v.split(",")}
+        if len(parts) > 1:
+            self.close_connection = True
+            raise BadRequest("conflicting Content-Length headers")
+        if not parts:
+            return None
+        (cl,) = parts
+        if not cl.isdigit() or len(cl) > 15:
+            self.close_connection = True
+            raise BadRequest(f"invalid Content-Length {cl[:40]!r}")
+        return int(cl)
+
+    def _read_body(self) -> bytes:
+        limit = self.state.max_body
+        te = (self.headers.get("Transfer-Encoding") or "").lower()
+        cl = self._content_length()
+        if "chunked" in te:
+            if cl is not None:
+                self.close_connection = True
+                raise BadRequest("a request may not have both Content-Length and Transfer-Encoding: chunked")
+            return self._read_chunked(limit)
+        if cl is None:
+            return b""
+        if cl > limit:
+            raise PayloadTooLarge(self.state.max_body // (1024 * 1024))
+        data = self.rfile.read(cl)
+        if len(data) < cl:
+            self.close_connection = True
+            raise BadRequest("request body ended early")
+        return data
+
+    def _read_chunked(self, limit: int) -> bytes:
+        out = bytearray()
+        for _ in range(100000):
+            line = self.rfile.readline(1024)
+            try:
+                size = int(line.split(b";")[0].strip() or b"x", 16)
+                if size < 0:
+                    raise ValueError
+            except ValueError:
+                self.close_connection = True
+                raise BadRequest("malformed chunked request body")
+            if size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass
+                return bytes(out)
+            if len(out) + size > limit:
+                raise PayloadTooLarge(self.state.max_body // (1024 * 1024))
+            out += self.rfile.read(size)
+            self.rfile.readline(8)
+        self.close_connection = True
+        raise BadRequest("too many chunks in request body")
+
+    def json(self):
+        """The body as JSON; an empty body is {}."""
+        return parse_json(self.body)
+
+    def authorized(self) -> bool:
+        pw = self.state.password
+        if not pw:
+            return True
+        auth = self.headers.get("Authorization") or ""
+        token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        # header values arrive decoded as Latin-1; the key is compared as the UTF-8 bytes the client sent
+        raw = token.encode("latin-1", "replace")
+        return hmac.compare_digest(raw, pw.encode("utf-8")) or hmac.compare_digest(raw, pw.encode("latin-1", "replace"))
+
+    def _drain(self, seconds: float = 3.0):
+        """After refusing a big upload: stop writing, swallow what the client still sends, so it reads our reply
+        instead of a connection reset."""
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(0.5)
+            end = time.monotonic() + seconds
+            while time.monotonic() < end and self.connection.recv(65536):
+                pass
+        except OSError:
+            pass
+
+    # ---- dispatch ----
+
+    def handle_expect_100(self):
+        try:
+            if (self._content_length() or 0) > self.state.max_body:
+                self.close_connection = True
+                self.body = b""
+                self.status_sent = None
+                self.send_error_json(PayloadTooLarge(self.state.max_body // (1024 * 1024)), "kobold")
+                return False
+        except BadRequest:
+            pass  # answered by _dispatch
+        return super().handle_expect_100()
+
+    def _dispatch(self):
+        t0 = time.monotonic()
+        self.status_sent = None
+        self.log_extra = ""
+        self.body = b""
+        method = self.command
+        path = normalize_path(self.path)
+        dialect = "kobold"
+        drain = False
+        try:
+            try:
+                self.body = self._read_body()
+            except PayloadTooLarge:
+                self.close_connection = True
+                drain = True
+                raise
+            if method in ("OPTIONS", "HEAD") and not (method == "HEAD" and (path == "/" or path.startswith("/klite"))):
+                self.send_bytes(200, b"", "text/plain")
+                return
+            if method == "HEAD":
+                method = "GET"
+            r = self.server.routes.resolve(method, path)
+            dialect = r.dialect
+            if r.auth and not self.authorized():
+                raise Unauthorized()
+            r.fn(self)
+        except ApiError as e:
+            if self.status_sent is None:
+                self.send_error_json(e, dialect)
+        except (ClientGone, BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout):
+            self.close_connection = True
+        except Exception as e:
+            print(f"Error handling {self.command} {path}:", file=sys.stderr)
+            traceback.print_exc()
+            self.close_connection = True
+            if self.status_sent is None:
+                try:
+                    self.send_error_json(ApiError(f"internal server error ({type(e).__name__})"), dialect)
+                except OSError:
+                    pass
+        finally:
+            if drain:
+                self._drain()
+            ms = (time.monotonic() - t0) * 1000
+            status = self.status_sent if self.status_sent is not None else "-"
+            log_line(f"{self.client_address[0]} {self.command} {path} {status} {ms:.0f}ms{self.log_extra}")
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _dispatch
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64
+    allow_reuse_address = not sys.platform.startswith("win")  # on Windows it would let two servers share a port
+
+    def __init__(self, address, state, routes: RouteTable, handler=Handler):
+        self.state = state
+        self.routes = routes
+        super().__init__(address, handler)
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, socket.timeout, TimeoutError)):
+            return  # clients hang up; not worth a traceback
+        super().handle_error(request, client_address)
+
+
+class Server6(Server):
+    address_family = socket.AF_INET6
