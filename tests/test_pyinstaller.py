@@ -15,7 +15,7 @@ import pytest
 from tests._launcher_util import Xvfb
 from tests.support import ROOT, bundled_model_path, free_port, http, stop_process
 
-SOURCES = ["koboldcpp.py", "gguf_loader", "adapters", "launcher_gui", "klite", "build_spec",
+SOURCES = ["koboldcpp.py", "gguf_loader", "adapters", "server", "launcher_gui", "klite", "build_spec",
            "requirements.txt", "requirements-build.txt"]
 
 
