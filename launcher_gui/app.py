@@ -46,9 +46,10 @@ def _follow_system_theme():
 
 
 class LauncherApp(ctk.CTk):
-    """Build with the parsed args; `result` is the namespace to serve after Launch, None if closed."""
+    """Build with the parsed args and koboldcpp.cli_hooks() (handed in: koboldcpp imports us, never the reverse);
+    `result` is the namespace to serve after Launch, None if closed."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, hooks):
         _follow_system_theme()
         ctk.set_default_color_theme("blue")
         super().__init__()
@@ -58,9 +59,11 @@ class LauncherApp(ctk.CTk):
         self.protocol("WM_DELETE_WINDOW", self.close)
         self.report_callback_exception = self._callback_error
         self.result = None
+        self.hooks = hooks
+        self.threads_auto = hooks.default_threads()
         self.base = copy.copy(args)
         self.ask_path = None  # tests replace the native file dialogs: fn(kind) -> path or ""
-        self.fields = F.fields()
+        self.fields = F.fields(self.threads_auto)
         self.vars: dict = {}
         self.inputs: dict = {}  # dest -> [(tab, widget)]
         self.tips: dict = {}    # dest -> [Tooltip]
@@ -93,7 +96,7 @@ class LauncherApp(ctk.CTk):
         side.grid(row=0, column=0, rowspan=3, sticky="nsw")
         side.grid_propagate(False)
         ctk.CTkLabel(side, text="KoboldCpp", font=ctk.CTkFont(size=22, weight="bold")).pack(padx=16, pady=(22, 0), anchor="w")
-        ctk.CTkLabel(side, text="koboldcpp.py " + F.kcpp().PROGRAM_VERSION, text_color=MUTED).pack(padx=16, pady=(0, 18), anchor="w")
+        ctk.CTkLabel(side, text="koboldcpp.py " + self.hooks.version, text_color=MUTED).pack(padx=16, pady=(0, 18), anchor="w")
         for name in TABS:
             b = ctk.CTkButton(side, text=name, anchor="w", height=36, corner_radius=6, fg_color="transparent",
                               text_color=("gray10", "gray90"), hover_color=("gray75", "gray30"),
@@ -202,7 +205,7 @@ class LauncherApp(ctk.CTk):
         self._heading(p, 3, "Settings")
         self._row(p, tab, 4, "contextsize", hint="tokens")
         self._row(p, tab, 5, "gpulayers", hint=self._gpu_hint())
-        self._row(p, tab, 6, "threads", hint=f"-1 = auto ({F.kcpp().default_threads()} here)")
+        self._row(p, tab, 6, "threads", hint=f"-1 = auto ({self.threads_auto} here)")
         self.adapter_box = self._row(p, tab, 7, "chatcompletionsadapter", extra=self._adapter_button)
         self._row(p, tab, 8, "launch")
 
@@ -223,7 +226,7 @@ class LauncherApp(ctk.CTk):
     def _build_hardware(self, p):
         tab = "Hardware"
         self._heading(p, 0, "Hardware")
-        self._row(p, tab, 1, "threads", hint=f"-1 = auto ({F.kcpp().default_threads()} here)")
+        self._row(p, tab, 1, "threads", hint=f"-1 = auto ({self.threads_auto} here)")
         self._row(p, tab, 2, "batchsize", hint="tokens per step")
         self._row(p, tab, 3, "gpulayers", hint=self._gpu_hint())
         self._row(p, tab, 4, "flashattention")
@@ -424,7 +427,7 @@ class LauncherApp(ctk.CTk):
     # ---------- config files ----------
     def save_config(self):
         try:
-            ns = F.collect(self.base, self.get_values(), check_model=False)
+            ns = F.collect(self.base, self.get_values(), self.hooks, check_model=False)
         except F.FieldError as e:
             self.show_error(e)
             return
@@ -434,7 +437,7 @@ class LauncherApp(ctk.CTk):
         if not Path(path).suffix:
             path += ".kcpps"
         try:
-            F.kcpp().export_config(ns, path)
+            self.hooks.export_config(ns, path)
         except OSError as e:
             self.show_error(f"Could not save {path}: {e.strerror or e}")
             return
@@ -445,19 +448,14 @@ class LauncherApp(ctk.CTk):
         path = self._ask("load_config")
         if not path:
             return
-        k = F.kcpp()
+        h = self.hooks
         ns = copy.copy(self.base)
         try:
-            k.apply_config(k.build_parser(), ns, k.load_config_file(path), explicit=set(), source=Path(path).name)
-        except k.ArgError as e:
+            h.apply_config(h.build_parser(), ns, h.load_config_file(path), explicit=set(), source=Path(path).name)
+        except h.arg_error as e:
             self.show_error(f"Could not load settings: {e}")
             return
-        if ns.model_param and not ns.model:  # KoboldCpp's own files name the model here, as parse_args reads it
-            ns.model = ns.model_param
-        ns.model_param = None
-        if ns.nofastforward:
-            ns.noshift = True
-        self.base = ns  # keys the window does not show (e.g. jinja) come from the file too
+        self.base = h.finalize(ns)  # keys the window does not show (e.g. jinja) come from the file too
         self.set_values(F.to_display(ns))
         self._sync_switches()
         self.refresh_facts()
@@ -467,7 +465,7 @@ class LauncherApp(ctk.CTk):
     # ---------- launch / close ----------
     def launch(self):
         try:
-            ns = F.collect(self.base, self.get_values(), check_model=True)
+            ns = F.collect(self.base, self.get_values(), self.hooks, check_model=True)
             F.check_port_free(ns.host, ns.port)
         except F.FieldError as e:
             self.show_error(e)
@@ -486,11 +484,11 @@ class LauncherApp(ctk.CTk):
         super().destroy()
 
 
-def run_launcher(args: argparse.Namespace, on_ready=None) -> argparse.Namespace | None:
+def run_launcher(args: argparse.Namespace, hooks, on_ready=None) -> argparse.Namespace | None:
     """Show the window; return the chosen settings on Launch, None when closed.
-    `on_ready(app)` runs once the window is up (tests use it)."""
+    `hooks` is koboldcpp.cli_hooks(); `on_ready(app)` runs once the window is up (tests use it)."""
     try:
-        app = LauncherApp(args)
+        app = LauncherApp(args, hooks)
     except tk.TclError as e:  # DISPLAY is set but no X server answers
         if getattr(args, "showgui", False):
             print(f"koboldcpp.py: error: cannot open the launcher window: {e}", file=sys.stderr)

@@ -7,31 +7,47 @@ import argparse
 import copy
 import re
 import socket
-import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 DEFAULT_ADAPTER = "Alpaca"
 AUTOGUESS = "AutoGuess"
 
 
-def kcpp():
-    """The koboldcpp module; when started as `python koboldcpp.py` it is __main__, so reuse that copy."""
-    main = sys.modules.get("__main__")
-    if main is not None and hasattr(main, "build_parser") and hasattr(main, "apply_config"):
-        return main
-    import koboldcpp
-    return koboldcpp
-
-
 @dataclass(frozen=True)
 class Field:
     dest: str          # argparse dest (and .kcpps key)
     label: str
-    tip: str
     kind: str          # "int", "text", "bool", "choice"
     invert: bool = False  # a switch shown as "on" when the flag is false (ContextShift = not --noshift)
     choices: tuple = ()
+    tip: str = ""
+
+
+_SPEC = (
+    Field("model", "Model file", "text"),
+    Field("contextsize", "Context size", "choice",
+          choices=("2048", "4096", "8192", "16384", "32768", "65536", "131072")),
+    Field("gpulayers", "GPU layers", "int"),
+    Field("threads", "Threads", "int"),
+    Field("chatcompletionsadapter", "Chat adapter", "choice"),
+    Field("launch", "Open browser", "bool"),
+    Field("batchsize", "Batch size", "choice",
+          choices=("16", "32", "64", "128", "256", "512", "1024", "2048", "4096")),
+    Field("flashattention", "Flash attention", "bool"),
+    Field("usemmap", "Use mmap", "bool"),
+    Field("usemlock", "Use mlock", "bool"),
+    Field("host", "Host", "text"),
+    Field("port", "Port", "int"),
+    Field("password", "Password", "text"),
+    Field("multiuser", "Multiuser queue", "int"),
+    Field("parallelrequests", "Parallel requests", "int"),
+    Field("quiet", "Quiet mode", "bool"),
+    Field("defaultgenamt", "Default gen. amount", "int"),
+    Field("noshift", "ContextShift", "bool", invert=True),
+    Field("nofastforward", "FastForward", "bool", invert=True),
+)
+_BY_DEST = {f.dest: f for f in _SPEC}
 
 
 def _tips(threads_auto: int) -> dict:
@@ -70,33 +86,10 @@ def _tips(threads_auto: int) -> dict:
     }
 
 
-def fields() -> dict:
-    k = kcpp()
-    tips = _tips(k.default_threads())
-    spec = [
-        Field("model", "Model file", tips["model"], "text"),
-        Field("contextsize", "Context size", tips["contextsize"], "choice",
-              choices=("2048", "4096", "8192", "16384", "32768", "65536", "131072")),
-        Field("gpulayers", "GPU layers", tips["gpulayers"], "int"),
-        Field("threads", "Threads", tips["threads"], "int"),
-        Field("chatcompletionsadapter", "Chat adapter", tips["chatcompletionsadapter"], "choice"),
-        Field("launch", "Open browser", tips["launch"], "bool"),
-        Field("batchsize", "Batch size", tips["batchsize"], "choice",
-              choices=("16", "32", "64", "128", "256", "512", "1024", "2048", "4096")),
-        Field("flashattention", "Flash attention", tips["flashattention"], "bool"),
-        Field("usemmap", "Use mmap", tips["usemmap"], "bool"),
-        Field("usemlock", "Use mlock", tips["usemlock"], "bool"),
-        Field("host", "Host", tips["host"], "text"),
-        Field("port", "Port", tips["port"], "int"),
-        Field("password", "Password", tips["password"], "text"),
-        Field("multiuser", "Multiuser queue", tips["multiuser"], "int"),
-        Field("parallelrequests", "Parallel requests", tips["parallelrequests"], "int"),
-        Field("quiet", "Quiet mode", tips["quiet"], "bool"),
-        Field("defaultgenamt", "Default gen. amount", tips["defaultgenamt"], "int"),
-        Field("noshift", "ContextShift", tips["noshift"], "bool", invert=True),
-        Field("nofastforward", "FastForward", tips["nofastforward"], "bool", invert=True),
-    ]
-    return {f.dest: f for f in spec}
+def fields(threads_auto: int) -> dict:
+    """dest -> Field with its tooltip; `threads_auto` is what -1 threads means on this machine."""
+    tips = _tips(threads_auto)
+    return {f.dest: replace(f, tip=tips[f.dest]) for f in _SPEC}
 
 
 def preset_names() -> list:
@@ -124,7 +117,7 @@ def _flag_free(message: str) -> str:
 def to_display(args: argparse.Namespace) -> dict:
     """Namespace -> widget values (strings for entries, bools for switches)."""
     out = {}
-    for dest, f in fields().items():
+    for dest, f in _BY_DEST.items():
         v = getattr(args, dest, None)
         if f.kind == "bool":
             out[dest] = (not bool(v)) if f.invert else bool(v)
@@ -151,12 +144,12 @@ def _resolve_adapter(text: str) -> str | None:
     return spec if Path(spec).is_file() else name
 
 
-def collect(base: argparse.Namespace, values: dict, check_model: bool = True) -> argparse.Namespace:
-    """Widget values -> a copy of `base` with the chosen settings. Raises FieldError for the first bad field."""
-    k = kcpp()
-    actions = {a.dest: a for a in k.build_parser()._actions}
+def collect(base: argparse.Namespace, values: dict, hooks, check_model: bool = True) -> argparse.Namespace:
+    """Widget values -> a copy of `base` with the chosen settings. Raises FieldError for the first bad field.
+    `hooks` is koboldcpp's CliHooks: numbers go through its apply_config, so they meet the --config checks."""
+    parser = hooks.build_parser()
     ns = copy.copy(base)
-    for dest, f in fields().items():
+    for dest, f in _BY_DEST.items():
         if dest not in values:
             continue
         raw = values[dest]
@@ -179,22 +172,20 @@ def collect(base: argparse.Namespace, values: dict, check_model: bool = True) ->
         if dest == "host":
             ns.host = text  # empty = every interface, as on the command line
             continue
-        act = actions[dest]
         if not text:
             raise FieldError(dest, f.label, "enter a number")
         try:
-            setattr(ns, dest, act.type(text) if act.type else text)
-        except argparse.ArgumentTypeError as e:
-            raise FieldError(dest, f.label, _flag_free(str(e)))
-    if ns.nofastforward:
-        ns.noshift = True  # ContextShift works on top of FastForward, as on the command line
+            hooks.apply_config(parser, ns, {dest: text}, explicit=set(), source=f.label)
+        except hooks.arg_error as e:
+            raise FieldError(dest, f.label, _flag_free(str(e).removeprefix(f.label + ": ")))
+    hooks.finalize(ns)
     if check_model:
         check_model_file(ns.model)
     return ns
 
 
 def check_model_file(model: str | None):
-    label = fields()["model"].label
+    label = _BY_DEST["model"].label
     if not model:
         raise FieldError("model", label, "no model chosen: press Browse, or 'Use bundled model'")
     p = Path(model).expanduser()
@@ -217,20 +208,20 @@ def check_port_free(host: str, port: int):
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
-        raise FieldError("host", fields()["host"].label, f"unknown address {host!r} ({e.strerror})")
+        raise FieldError("host", _BY_DEST["host"].label, f"unknown address {host!r} ({e.strerror})")
     family, _, _, _, addr = infos[0]
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(addr)
         except PermissionError:
-            raise FieldError("port", fields()["port"].label,
+            raise FieldError("port", _BY_DEST["port"].label,
                              f"no permission to use {port} (ports below 1024 need admin rights)")
         except OSError as e:
             if e.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
-                raise FieldError("port", fields()["port"].label,
+                raise FieldError("port", _BY_DEST["port"].label,
                                  f"{port} is already in use on {host}; choose another port")
-            raise FieldError("host", fields()["host"].label, f"cannot listen on {host}: {e.strerror or e}")
+            raise FieldError("host", _BY_DEST["host"].label, f"cannot listen on {host}: {e.strerror or e}")
 
 
 def human_size(n: int) -> str:

@@ -57,7 +57,7 @@ def make_app(display):
     apps = []
 
     def make(argv=()):
-        app = LauncherApp(koboldcpp.parse_args(list(argv)))
+        app = LauncherApp(koboldcpp.parse_args(list(argv)), koboldcpp.cli_hooks())
         apps.append(app)
         pump(app, timeout=0.1)
         return app
@@ -88,6 +88,13 @@ def is_error_color(app, widget_or_color):
     color = widget_or_color if isinstance(widget_or_color, (str, tuple)) else widget_or_color.cget("border_color")
     from launcher_gui.app import ERROR_COLOR
     return color == ERROR_COLOR
+
+
+def test_importing_the_launcher_does_not_import_koboldcpp():
+    """koboldcpp imports launcher_gui and hands it cli_hooks(); an import back would be a cycle."""
+    code = "import launcher_gui.fields, launcher_gui.app, sys; assert 'koboldcpp' not in sys.modules"
+    r = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
 
 
 def test_pick_model_fills_the_facts_and_every_tab_fits(make_app):
@@ -178,7 +185,7 @@ def test_chat_adapter_choices_presets_autoguess_and_a_file(make_app, tmp_path):
     assert app.vars["chatcompletionsadapter"].get() == "Alpaca"
 
     def chosen():
-        return F.collect(app.base, app.get_values()).chatcompletionsadapter
+        return F.collect(app.base, app.get_values(), app.hooks).chatcompletionsadapter
 
     assert chosen() is None  # Alpaca = the server's default
     app.adapter_box.set("ChatML")
@@ -271,7 +278,7 @@ def test_load_fills_the_fields_from_an_exported_config(make_app, tmp_path):
     v = app.get_values()
     assert (v["model"], v["batchsize"], v["host"]) == (tiny, "128", ""), status(app)
     from launcher_gui import fields as F
-    assert F.collect(app.base, v).host == ""
+    assert F.collect(app.base, v, app.hooks).host == ""
     broken = tmp_path / "broken.kcpps"
     broken.write_text("{not json")
     app.ask_path = lambda kind: str(broken)
@@ -370,15 +377,16 @@ def test_run_launcher_close_returns_none_and_no_x_server_is_a_clear_error(displa
     from launcher_gui import run_launcher
 
     args = koboldcpp.parse_args([])
-    assert run_launcher(args, on_ready=lambda app: app.close()) is None
+    hooks = koboldcpp.cli_hooks()
+    assert run_launcher(args, hooks, on_ready=lambda app: app.close()) is None
 
     os.environ["DISPLAY"] = ":4242"  # nothing listens there
     try:
         with pytest.raises(SystemExit) as e:
-            run_launcher(koboldcpp.parse_args(["--showgui"]))
+            run_launcher(koboldcpp.parse_args(["--showgui"]), hooks)
         assert e.value.code == 2
         assert "cannot open the launcher window" in capsys.readouterr().err
-        fallback = run_launcher(args)  # no --showgui: serve the bundled model instead, and say so
+        fallback = run_launcher(args, hooks)  # no --showgui: serve the bundled model instead, and say so
         assert fallback is not None and fallback.model is None
         assert "serving the bundled model instead" in capsys.readouterr().out
     finally:
