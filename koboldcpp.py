@@ -1,9 +1,8 @@
 #!/usr/bin/env python3
 """koboldcpp.py: a local LLM server for GGUF models (KoboldCpp-compatible API, OpenAI API, built-in web page).
 
-This file holds the command line, config files and the HTTP routes; model work lives in gguf_loader/,
-API-dialect translation in adapters/.
-"""
+This file is the entry point: command line, config files and start-up. The HTTP layer is server/, API-dialect
+translation adapters/, model work gguf_loader/."""
 from __future__ import annotations
 
 import argparse
@@ -114,14 +113,18 @@ _UNSET = object()
 _CONFIG_ALIASES = {"blasbatchsize": "batchsize", "model_param_alias": "model"}
 
 
-def load_config_file(path: str) -> dict:
+def read_json_file(path: str, what: str):
     try:
         with open(path, "r", encoding="utf-8") as f:
-            data = json.load(f)
+            return json.load(f)
     except FileNotFoundError:
-        raise ArgError(f"config file not found: {path}")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArgError(f"config file {path} is not valid JSON: {e}")
+        raise ArgError(f"{what} not found: {path}")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ArgError(f"{what} {path} is not valid JSON: {e}")
+
+
+def load_config_file(path: str) -> dict:
+    data = read_json_file(path, "config file")
     if not isinstance(data, dict):
         raise ArgError(f"config file {path} must hold a JSON object of flags")
     return data
@@ -216,19 +219,9 @@ def has_display() -> bool:
 
 # ---------------------------------------------------------------- serve
 
-def _load_preloadstory(path):
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ArgError(f"--preloadstory file not found: {path}")
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ArgError(f"--preloadstory file {path} is not valid JSON: {e}")
-
-
-def _err(msg: str) -> int:
+def _err(msg: str, code: int = 1) -> int:
     print(f"koboldcpp.py: error: {msg}", file=sys.stderr)
-    return 1
+    return code
 
 
 def friendly_model_name(args, model_path: str) -> str:
@@ -269,18 +262,16 @@ def _chat_context(args, engine, model_name):
 
 
 def _banner(args, state, url, host, threads, max_queue, model_path):
-    engine = state.engine
-    print("=" * 72)
-    print(f"Model:    {state.model_name}  ({model_path})")
-    print(f"Context:  {engine.n_ctx} tokens (trained {engine.n_ctx_train}), threads {threads}, "
-          f"slots {engine.n_slots}, queue {max_queue}")
-    print(f"Serving:  {url}   (web page at {url}/ , KoboldCpp API at {url}/api , OpenAI API at {url}/v1)")
+    e, rule = state.engine, "=" * 72
+    lines = [rule, f"Model:    {state.model_name}  ({model_path})",
+             f"Context:  {e.n_ctx} tokens (trained {e.n_ctx_train}), threads {threads}, slots {e.n_slots}, "
+             f"queue {max_queue}",
+             f"Serving:  {url}   (web page at {url}/ , KoboldCpp API at {url}/api , OpenAI API at {url}/v1)"]
     if host in ("127.0.0.1", "localhost", "::1"):
-        print("Only this computer can connect; use --host 0.0.0.0 to listen on all interfaces.")
+        lines.append("Only this computer can connect; use --host 0.0.0.0 to listen on all interfaces.")
     if args.password:
-        print("API key required (Authorization: Bearer <password>).")
-    print("Press Ctrl+C to stop.")
-    print("=" * 72, flush=True)
+        lines.append("API key required (Authorization: Bearer <password>).")
+    print("\n".join(lines + ["Press Ctrl+C to stop.", rule]), flush=True)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -298,7 +289,7 @@ def serve(args: argparse.Namespace) -> int:
                 gguf_loader.inspect(args.embeddingsmodel)
             except gguf_loader.GGUFError as e:
                 raise gguf_loader.GGUFError(f"--embeddingsmodel: {e}")
-        preload = _load_preloadstory(args.preloadstory) if args.preloadstory else None
+        preload = read_json_file(args.preloadstory, "--preloadstory file") if args.preloadstory else None
     except (gguf_loader.GGUFError, ArgError) as e:
         return _err(str(e))
 
@@ -329,8 +320,7 @@ def serve(args: argparse.Namespace) -> int:
         engine = Engine(cfg)
     except KeyboardInterrupt:
         httpd.server_close()
-        print("Interrupted while loading the model.", file=sys.stderr)
-        return 130
+        return _err("interrupted while loading the model", 130)
     except Exception as e:
         httpd.server_close()
         return _err(str(e) if isinstance(e, ModelLoadError) else f"could not load {model_path}: {type(e).__name__}: {e}")
@@ -378,8 +368,7 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
     except ArgError as e:
-        print(f"koboldcpp.py: error: {e}", file=sys.stderr)
-        return 2
+        return _err(str(e), 2)
     if args.version:
         print(f"koboldcpp.py {PROGRAM_VERSION} (KoboldCpp API {VERSION})")
         return 0
@@ -387,8 +376,7 @@ def main(argv=None) -> int:
         try:
             export_config(args, args.exportconfig)
         except OSError as e:
-            print(f"koboldcpp.py: error: cannot write {args.exportconfig}: {e}", file=sys.stderr)
-            return 2
+            return _err(f"cannot write {args.exportconfig}: {e}", 2)
         print(f"Wrote config to {args.exportconfig}")
         return 0
     if args.showgui or (not args.model and not args.skiplauncher and has_display()):
@@ -396,8 +384,7 @@ def main(argv=None) -> int:
             from launcher_gui import run_launcher
         except ImportError as e:
             if args.showgui:
-                print(f"koboldcpp.py: error: the launcher window needs customtkinter and tkinter ({e})", file=sys.stderr)
-                return 2
+                return _err(f"the launcher window needs customtkinter and tkinter ({e})", 2)
             print(f"Launcher window unavailable ({e}); serving the bundled model instead.")
         else:
             chosen = run_launcher(args, cli_hooks())
