@@ -215,13 +215,6 @@ SAMPLER_FIELDS = (
     SamplerField("xtc_threshold", ("xtc_threshold",), False, 0.0, 1.0),
     SamplerField("xtc_probability", ("xtc_probability",), False, 0.0, 1.0),
 )
-# other native fields read on every route (besides the table above and the prompt fields)
-NATIVE_EXTRA_FIELDS = ("rep_pen", "repeat_penalty", "repetition_penalty", "mirostat", "sampler_order",
-                       "sampler_seed", "logit_bias", "custom_token_bans", "dry_sequence_breakers", "grammar",
-                       "ban_eos_token", "use_default_badwordsids", "banned_tokens", "banned_strings", "bypass_eos",
-                       "render_special", "genkey", "max_context_length", "logprobs")
-
-
 def json_schema_to_grammar(schema, param: str = "grammar") -> str:
     """JSON schema (dict or JSON text) -> GBNF. Raises BadRequest with the converter's reason."""
     from adapters.tools import schema_to_gbnf  # heavy import; only when a schema is sent

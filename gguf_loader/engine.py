@@ -531,7 +531,7 @@ class Engine:
         # Entries moved by ContextShift differ slightly from freshly computed ones. The request that shifts uses
         # them, and so may a request at the context's edge (the next turn of a long chat); any other request
         # reprocesses from the first moved entry, so it gets exactly a cold run's text (README, "Reproducible").
-        at_edge = len(slot.cache) + len(prompt) - keep + max_new > self.n_ctx
+        at_edge = len(slot.cache) + len(prompt) - keep + max_new > self.budget(req)[0]  # the client's context
         shifted = keep
         if self.cfg.fastforward and self.cfg.contextshift and self.can_shift:
             shifted = self._context_shift(slot, prompt, keep)
