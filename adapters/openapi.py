@@ -1,6 +1,7 @@
 """The OpenAPI 3.1 document of every route the server registers (/api/openapi.json) and a readable page (/api)."""
 from __future__ import annotations
 
+import copy
 import html
 from typing import Iterable, Tuple
 
@@ -51,86 +52,466 @@ DESCRIPTIONS = {
     "/v1/images/generations": ("OpenAI", "Image generation forwarded to an Automatic1111 server (--sdurl or "
                                          "SD_WEBUI_URL); 501 when none is configured"),
     "/api/tags": ("Ollama", "List the loaded model"),
+    "/api/ps": ("Ollama", "Running models (the loaded model)"),
     "/api/version": ("Ollama", "Ollama API version"),
     "/api/generate": ("Ollama", "Generate (prompt, system, options); NDJSON stream unless stream is false"),
     "/api/chat": ("Ollama", "Chat (messages, options, tools); NDJSON stream unless stream is false"),
 }
 
-_ERROR = {"type": "object", "properties": {"error": {"type": "object", "properties": {
-    "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
-    "code": {"type": ["string", "null"]}}}}}
+# ---------------------------------------------------------------- schema helpers
 
-_MESSAGE = {"type": "object", "required": ["role"], "properties": {
-    "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
-    "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}, {"type": "null"}]},
-    "tool_calls": {"type": "array"}, "tool_call_id": {"type": "string"}}}
+def _obj(props: dict, required=(), **extra) -> dict:
+    s = {"type": "object", "properties": props}
+    if required:
+        s["required"] = list(required)
+    s.update(extra)
+    return s
 
-_SAMPLING = {
-    "max_tokens": {"type": "integer", "minimum": 1}, "max_completion_tokens": {"type": "integer", "minimum": 1},
-    "temperature": {"type": "number", "minimum": 0}, "top_p": {"type": "number"}, "top_k": {"type": "integer"},
-    "min_p": {"type": "number"}, "seed": {"type": "integer"}, "presence_penalty": {"type": "number"},
-    "frequency_penalty": {"type": "number"}, "stop": {"oneOf": [{"type": "string"}, {"type": "array"}]},
-    "n": {"type": "integer", "minimum": 1, "maximum": 16}, "stream": {"type": "boolean"},
-    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-    "logit_bias": {"type": "object"}, "response_format": {"type": "object"},
-    "adapter": {"type": "object", "description": "instruct tags overriding the server's adapter for this request"},
+
+def _arr(items: dict, **extra) -> dict:
+    return {"type": "array", "items": items, **extra}
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": "#/components/schemas/" + name}
+
+
+_STR = {"type": "string"}
+_INT = {"type": "integer"}
+_NUM = {"type": "number"}
+_BOOL = {"type": "boolean"}
+_NULLABLE_STR = {"type": ["string", "null"]}
+_NN_INT = {"type": "integer", "minimum": 0}
+_UNIT = {"type": "number", "minimum": 0, "maximum": 1}
+_PENALTY = {"type": "number", "minimum": -2, "maximum": 2}
+_TOKEN_ID = {"type": "integer", "minimum": 0}
+_TOKEN_IDS = _arr(_TOKEN_ID, minItems=1)
+_STR_LIST = _arr(_STR)
+_LOGIT_BIAS = {"type": "object", "propertyNames": {"pattern": "^[0-9]+$"},
+               "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+               "description": "token id -> bias (-100 bans the token)"}
+_ADAPTER = {"type": "object", "additionalProperties": True,
+            "properties": {k: _STR for k in ("chat_start", "system_start", "system_end", "user_start", "user_end",
+                                              "assistant_start", "assistant_end", "assistant_gen")},
+            "description": "instruct tags overriding the server's chat adapter for this request only"}
+
+# ---------------------------------------------------------------- response shapes (components/schemas)
+
+_TOP_LOGPROB = _obj({"token": _STR, "logprob": _NUM, "bytes": {"type": ["array", "null"], "items": _INT}},
+                    ["token", "logprob"])
+_TOKEN_LOGPROB = _obj({**_TOP_LOGPROB["properties"], "top_logprobs": _arr(_TOP_LOGPROB)},
+                      ["token", "logprob", "top_logprobs"])
+_COMPLETION_LOGPROBS = _obj({
+    "tokens": _arr(_STR), "token_logprobs": _arr(_NUM),
+    "top_logprobs": _arr({"type": ["object", "null"], "additionalProperties": _NUM}),
+    "text_offset": _arr(_INT)})
+_USAGE = _obj({"prompt_tokens": _NN_INT, "completion_tokens": _NN_INT, "total_tokens": _NN_INT,
+               "prompt_tokens_details": {"type": ["object", "null"], "properties": {"cached_tokens": _NN_INT}},
+               "completion_tokens_details": {"type": ["object", "null"],
+                                             "properties": {"reasoning_tokens": _NN_INT}}},
+              ["prompt_tokens", "completion_tokens", "total_tokens"])
+_TOOL_CALL = _obj({"id": _STR, "type": {"const": "function"},
+                   "function": _obj({"name": _STR, "arguments": {"type": "string", "description": "JSON text"}},
+                                    ["name", "arguments"])}, ["id", "type", "function"])
+
+SCHEMAS = {
+    # errors, one shape per dialect
+    "KoboldError": _obj({"detail": _obj({"msg": _STR, "type": _STR, "error": _STR}, ["msg", "type"])}, ["detail"]),
+    "OpenAIError": _obj({"error": _obj({"message": _STR, "type": _STR, "param": _NULLABLE_STR,
+                                        "code": _NULLABLE_STR}, ["message", "type", "param", "code"])}, ["error"]),
+    "OllamaError": _obj({"error": _STR}, ["error"]),
+    # native KoboldCpp
+    "KoboldLogprobs": _obj({"content": _arr(_TOKEN_LOGPROB), **_COMPLETION_LOGPROBS["properties"]},
+                           description="chat- and completions-style logprobs in one object, as KoboldCpp"),
+    "GenerateResponse": _obj({"results": _arr(_obj({
+        "text": _STR, "finish_reason": {"enum": ["stop", "length"]},
+        "logprobs": {"anyOf": [_ref("KoboldLogprobs"), {"type": "null"}]},
+        "prompt_tokens": _NN_INT, "completion_tokens": _NN_INT, "tool_calls": {"type": "array"}},
+        ["text", "finish_reason"]), minItems=1)}, ["results"]),
+    "CheckResponse": _obj({"results": _arr(_obj({"text": _STR}, ["text"]), minItems=1)}, ["results"]),
+    "AbortResponse": _obj({"success": {"enum": ["true", "false"]}, "done": {"enum": ["true", "false"]}},
+                          ["success", "done"]),
+    "LastLogprobs": _obj({"logprobs": {"anyOf": [_ref("KoboldLogprobs"), {"type": "null"}]}}, ["logprobs"]),
+    "Result": _obj({"result": _STR}, ["result"]),
+    "IntValue": _obj({"value": _INT}, ["value"]),
+    "StrValue": _obj({"value": _STR}, ["value"]),
+    "Values": _obj({"values": {"type": "array"}}, ["values"]),
+    "Version": _obj({"result": {"const": "KoboldCpp"}, "version": _STR, "protected": _BOOL, "llm": _BOOL,
+                     "txt2img": _BOOL, "vision": _BOOL, "audio": _BOOL, "transcribe": _BOOL, "multiplayer": _BOOL,
+                     "websearch": _BOOL, "tts": _BOOL, "embeddings": _BOOL, "savedata": _BOOL, "admin": _INT,
+                     "guidance": _BOOL, "jinja": _BOOL}, ["result", "version"]),
+    "Perf": _obj({"last_process": _NUM, "last_eval": _NUM, "last_token_count": _NN_INT,
+                  "last_input_count": _NN_INT, "last_process_time": _NUM, "last_eval_time": _NUM,
+                  "last_process_speed": _NUM, "last_eval_speed": _NUM, "last_seed": _INT,
+                  "last_cached_tokens": _NN_INT, "total_gens": _NN_INT,
+                  "stop_reason": {"type": "integer", "description": "-1 none yet, 0 out of tokens, 1 EOS, "
+                                                                  "2 stop sequence"},
+                  "queue": _NN_INT, "idle": {"enum": [0, 1]}, "uptime": _NUM, "idletime": _NUM, "quiet": _BOOL,
+                  "hordeexitcounter": _INT, "last_draft_success": _INT, "last_draft_failed": _INT,
+                  "total_img_gens": _INT, "total_tts_gens": _INT, "total_transcribe_gens": _INT},
+                 ["last_process", "last_eval", "last_token_count", "total_gens", "stop_reason", "queue", "idle"]),
+    "TokenCount": _obj({"value": _NN_INT, "ids": _arr(_INT)}, ["value", "ids"]),
+    "Detokenized": _obj({"result": _STR, "success": _BOOL}, ["result", "success"]),
+    "Grammar": _obj({"result": _STR, "success": _BOOL, "error": _STR}, ["result", "success"]),
+    "Health": _obj({"status": _STR}, ["status"]),
+    "OpenAPIDocument": _obj({"openapi": _STR, "info": {"type": "object"}, "paths": {"type": "object"}},
+                            ["openapi", "info", "paths"]),
+    # OpenAI
+    "ChatCompletion": _obj({
+        "id": _STR, "object": {"const": "chat.completion"}, "created": _INT, "model": _STR,
+        "system_fingerprint": _STR,
+        "choices": _arr(_obj({
+            "index": _NN_INT,
+            "message": _obj({"role": {"const": "assistant"}, "content": _NULLABLE_STR,
+                             "refusal": _NULLABLE_STR, "tool_calls": _arr(_TOOL_CALL)}, ["role", "content"]),
+            "finish_reason": {"enum": ["stop", "length", "tool_calls", "content_filter", "function_call"]},
+            "logprobs": {"anyOf": [{"type": "null"}, _obj({
+                "content": {"type": ["array", "null"], "items": _TOKEN_LOGPROB},
+                "refusal": {"type": ["array", "null"], "items": _TOKEN_LOGPROB}})]}},
+            ["index", "message", "finish_reason", "logprobs"]), minItems=1),
+        "usage": _USAGE}, ["id", "object", "created", "model", "choices", "usage"]),
+    "TextCompletion": _obj({
+        "id": _STR, "object": {"const": "text_completion"}, "created": _INT, "model": _STR,
+        "system_fingerprint": _STR,
+        "choices": _arr(_obj({
+            "index": _NN_INT, "text": _STR, "finish_reason": {"enum": ["stop", "length", "content_filter"]},
+            "logprobs": {"anyOf": [{"type": "null"}, _COMPLETION_LOGPROBS]}},
+            ["index", "text", "finish_reason", "logprobs"]), minItems=1),
+        "usage": _USAGE}, ["id", "object", "created", "model", "choices", "usage"]),
+    "Model": _obj({"id": _STR, "object": {"const": "model"}, "created": _INT, "owned_by": _STR},
+                  ["id", "object", "created", "owned_by"]),
+    "ModelList": _obj({"object": {"const": "list"}, "data": _arr(_ref("Model"))}, ["object", "data"]),
+    "Engine": _obj({"id": _STR, "object": {"const": "engine"}, "owner": _STR, "ready": _BOOL},
+                   ["id", "object", "owner", "ready"]),
+    "EngineList": _obj({"object": {"const": "list"}, "data": _arr(_ref("Engine"))}, ["object", "data"]),
+    "Embeddings": _obj({
+        "object": {"const": "list"}, "model": _STR,
+        "data": _arr(_obj({"object": {"const": "embedding"}, "index": _NN_INT,
+                           "embedding": {"anyOf": [_arr(_NUM), {"type": "string", "description": "base64 of "
+                                                                "little-endian float32"}]}},
+                          ["object", "index", "embedding"])),
+        "usage": _obj({"prompt_tokens": _NN_INT, "total_tokens": _NN_INT}, ["prompt_tokens", "total_tokens"])},
+        ["object", "data", "model", "usage"]),
+    "Edit": _obj({"object": {"const": "edit"}, "created": _INT,
+                  "choices": _arr(_obj({"text": _STR, "index": _NN_INT}, ["text", "index"])), "usage": _USAGE},
+                 ["object", "created", "choices", "usage"]),
+    "Moderation": _obj({"id": _STR, "model": _STR, "results": _arr(_obj({
+        "flagged": _BOOL, "categories": {"type": "object", "additionalProperties": _BOOL},
+        "category_scores": {"type": "object", "additionalProperties": _NUM}},
+        ["flagged", "categories", "category_scores"]))}, ["id", "model", "results"]),
+    "Images": _obj({"created": _INT, "data": _arr(_obj({"b64_json": _STR, "revised_prompt": _STR}, ["b64_json"]))},
+                   ["created", "data"]),
+    # Ollama
+    "OllamaTags": _obj({"models": _arr(_obj({
+        "name": _STR, "model": _STR, "modified_at": _STR, "size": _NN_INT, "digest": _STR,
+        "details": {"type": "object"}}, ["name", "model", "modified_at", "size", "digest"]))}, ["models"]),
+    "OllamaVersion": _obj({"version": _STR}, ["version"]),
 }
+_OLLAMA_FINAL = {"model": _STR, "created_at": _STR, "done": _BOOL, "done_reason": _STR,
+                 "total_duration": _NN_INT, "load_duration": _NN_INT, "prompt_eval_count": _NN_INT,
+                 "prompt_eval_duration": _NN_INT, "eval_count": _NN_INT, "eval_duration": _NN_INT}
+SCHEMAS["OllamaGenerate"] = _obj({**_OLLAMA_FINAL, "response": _STR, "context": _arr(_INT)},
+                                 ["model", "created_at", "response", "done"])
+SCHEMAS["OllamaChat"] = _obj({**_OLLAMA_FINAL, "message": _obj({
+    "role": {"const": "assistant"}, "content": _STR,
+    "tool_calls": _arr(_obj({"function": _obj({"name": _STR, "arguments": {"type": "object"}},
+                                              ["name", "arguments"])}, ["function"]))}, ["role", "content"])},
+    ["model", "created_at", "message", "done"])
+
+# ---------------------------------------------------------------- request bodies
+
+_STOP = {"anyOf": [_STR, _arr(_STR, maxItems=256)]}
+_NATIVE = {
+    "prompt": _STR, "memory": _STR,
+    "max_length": {"type": "integer", "minimum": 1, "description": "tokens to generate (capped to the context)"},
+    "max_context_length": {"type": "integer", "minimum": 1, "description": "capped to the server's context"},
+    "temperature": {"type": "number", "minimum": 0}, "top_k": _NN_INT, "top_p": _UNIT,
+    "top_a": {"type": "number", "minimum": 0}, "min_p": _UNIT, "typical": _UNIT, "tfs": _UNIT,
+    "nsigma": {"type": "number", "minimum": 0},
+    "rep_pen": _NUM, "rep_pen_range": _NN_INT, "rep_pen_slope": {"type": "number", "minimum": 0},
+    "presence_penalty": _PENALTY, "frequency_penalty": _PENALTY,
+    "sampler_order": _arr({"type": "integer", "minimum": 0, "maximum": 6}, maxItems=7),
+    "mirostat": {"enum": [0, 1, 2]}, "mirostat_tau": {"type": "number", "minimum": 0},
+    "mirostat_eta": {"type": "number", "minimum": 0},
+    "dynatemp_range": {"type": "number", "minimum": 0}, "dynatemp_exponent": {"type": "number", "minimum": 0},
+    "smoothing_factor": {"type": "number", "minimum": 0}, "smoothing_curve": {"type": "number", "minimum": 0},
+    "dry_multiplier": {"type": "number", "minimum": 0}, "dry_base": {"type": "number", "minimum": 1},
+    "dry_allowed_length": _NN_INT, "dry_penalty_last_n": {"type": "integer", "minimum": -1},
+    "dry_sequence_breakers": _arr(_STR, maxItems=128),
+    "xtc_threshold": _UNIT, "xtc_probability": _UNIT,
+    "sampler_seed": {"type": "integer", "description": "-1 = random"},
+    "grammar": {"type": "string", "description": "GBNF, or a JSON schema as text"},
+    "logit_bias": _LOGIT_BIAS, "custom_token_bans": {"type": "string", "description": "comma-separated token ids"},
+    "banned_tokens": _arr(_STR, maxItems=768), "ban_eos_token": _BOOL, "bypass_eos": _BOOL,
+    "stop_sequence": _arr(_STR, maxItems=256), "trim_stop": _BOOL, "render_special": _BOOL,
+    "replace_instruct_placeholders": _BOOL, "adapter": _ADAPTER,
+    "logprobs": {"anyOf": [_BOOL, {"type": "integer", "minimum": 0, "maximum": 20}]},
+    "genkey": {"type": "string", "maxLength": 128}, "quiet": _BOOL,
+}
+_GENKEY_BODY = _obj({"genkey": {"type": "string", "maxLength": 128}})
+
+_CONTENT = {"anyOf": [_STR, _arr(_obj({"type": {"const": "text"}, "text": _STR}, ["type", "text"]))]}
+# content may be null only on an assistant turn (one that carries tool_calls)
+_MESSAGE = {"anyOf": [
+    _obj({"role": {"enum": ["system", "developer", "user", "tool", "function"]}, "content": _CONTENT,
+          "name": _STR, "tool_call_id": _STR}, ["role", "content"]),
+    _obj({"role": {"const": "assistant"}, "content": {"anyOf": [_CONTENT, {"type": "null"}]}, "name": _STR,
+          "tool_calls": _arr(_TOOL_CALL)}, ["role"])]}
+_TOOL = _obj({"type": {"const": "function"}, "function": _obj({
+    "name": {"type": "string", "minLength": 1}, "description": _STR,
+    "parameters": {"type": "object", "description": "JSON schema of the arguments"}}, ["name"])},
+    ["type", "function"])
+_RESPONSE_FORMAT = {"anyOf": [
+    _obj({"type": {"enum": ["text", "json_object"]}}, ["type"]),
+    _obj({"type": {"const": "json_schema"}, "json_schema": _obj({
+        "name": _STR, "schema": {"type": "object"}, "strict": {"type": ["boolean", "null"]}})},
+        ["type", "json_schema"])]}
+_OPENAI_SAMPLING = {
+    "model": {"type": "string", "description": "ignored: the loaded model answers"},
+    "max_tokens": {"type": "integer", "minimum": 1, "description": "must be below the context size"},
+    "max_completion_tokens": {"type": "integer", "minimum": 1, "description": "must be below the context size"},
+    "temperature": {"type": "number", "minimum": 0}, "top_p": _UNIT, "top_k": _INT, "min_p": _UNIT,
+    "seed": _INT, "presence_penalty": _PENALTY, "frequency_penalty": _PENALTY, "stop": _STOP,
+    "n": {"type": "integer", "minimum": 1, "maximum": 16}, "stream": _BOOL,
+    "stream_options": {"type": ["object", "null"], "properties": {"include_usage": _BOOL}},
+    "logit_bias": _LOGIT_BIAS, "response_format": _RESPONSE_FORMAT, "user": _STR, "adapter": _ADAPTER,
+}
+_CHAT_BODY = _obj({
+    "messages": _arr(_MESSAGE, minItems=1), **_OPENAI_SAMPLING,
+    "logprobs": _BOOL, "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+    "tools": _arr(_TOOL),
+    "tool_choice": {"anyOf": [{"enum": ["none", "auto", "required"]},
+                              _obj({"type": {"const": "function"}, "function": _obj({"name": _STR}, ["name"])},
+                                   ["function"])]},
+    "continue_assistant_turn": _BOOL},
+    ["messages"], description="Every native KoboldCpp sampler field is accepted too.")
+_PROMPT = {"anyOf": [_STR, _arr(_STR, minItems=1), _TOKEN_IDS, _arr(_TOKEN_IDS, minItems=1)]}
+_COMPLETION_BODY = _obj({
+    "prompt": _PROMPT, **_OPENAI_SAMPLING,
+    "n": {"type": "integer", "minimum": 1, "maximum": 16, "description": "prompts x n is at most 16"},
+    "logprobs": {"type": "integer", "minimum": 0, "maximum": 20}, "echo": _BOOL, "suffix": _NULLABLE_STR,
+    "best_of": {"type": "integer", "minimum": 1}, "memory": _STR},
+    description="Every native KoboldCpp sampler field is accepted too.")
+_EMBEDDINGS_BODY = _obj({
+    "input": {"anyOf": [_STR, _arr(_STR, minItems=1, maxItems=2048), _TOKEN_IDS,
+                        _arr(_TOKEN_IDS, minItems=1, maxItems=2048)]},
+    "model": _STR, "encoding_format": {"enum": ["float", "base64"]}, "dimensions": {"type": "integer", "minimum": 1},
+    "truncate": {"type": "boolean", "description": "cut inputs longer than the context (default true)"},
+    "user": _STR}, ["input"])
+_EDIT_BODY = _obj({"instruction": {"type": "string", "minLength": 1}, "input": _STR,
+                   **{k: v for k, v in _OPENAI_SAMPLING.items() if k != "stream"}}, ["instruction"])
+_MODERATION_BODY = _obj({"input": {"anyOf": [_STR, _arr(_STR, minItems=1)]}, "model": _STR}, ["input"])
+_IMAGES_BODY = _obj({"prompt": {"type": "string", "minLength": 1}, "n": {"type": "integer", "minimum": 1,
+                                                                        "maximum": 10},
+                     "size": {"type": "string", "pattern": "^[0-9]+x[0-9]+$", "description": "64-2048 each side"},
+                     "response_format": {"const": "b64_json"}, "negative_prompt": _STR, "steps": _INT,
+                     "cfg_scale": _NUM, "seed": _INT}, ["prompt"])
+_OLLAMA_OPTIONS = _obj({
+    "num_predict": {"type": "integer", "description": "tokens to generate; 0 or less = the server's default"},
+    "temperature": {"type": "number", "minimum": 0}, "top_k": _INT, "top_p": _UNIT, "min_p": _UNIT,
+    "seed": _INT, "presence_penalty": _PENALTY, "frequency_penalty": _PENALTY, "repeat_penalty": _NUM,
+    "repeat_last_n": _NN_INT, "typical_p": _UNIT, "mirostat": {"enum": [0, 1, 2]},
+    "mirostat_tau": {"type": "number", "minimum": 0}, "mirostat_eta": {"type": "number", "minimum": 0},
+    "stop": _STOP})
+_OLLAMA_COMMON = {"model": _STR, "stream": {"type": "boolean", "description": "default true (NDJSON)"},
+                  "format": {"anyOf": [{"enum": ["json", ""]}, {"type": "object", "description": "JSON schema"}]},
+                  "options": _OLLAMA_OPTIONS, "keep_alive": {"type": ["string", "number"]}, "adapter": _ADAPTER}
+_OLLAMA_GENERATE_BODY = _obj({"prompt": _STR, "system": _STR, "raw": _BOOL, "context": _arr(_TOKEN_ID),
+                              **_OLLAMA_COMMON})
+_OLLAMA_CHAT_BODY = _obj({"messages": _arr(_obj({
+    "role": {"enum": ["system", "user", "assistant", "tool"]}, "content": _STR,
+    "tool_calls": _arr(_obj({"function": _obj({"name": _STR, "arguments": {"type": "object"}}, ["name"])},
+                            ["function"]))}, ["role", "content"]), minItems=1),
+    "tools": _arr(_TOOL), **_OLLAMA_COMMON}, ["messages"])
 
 BODIES = {
-    "/v1/chat/completions": {"type": "object", "required": ["messages"], "properties": {
-        "model": {"type": "string", "description": "ignored: the loaded model answers"},
-        "messages": {"type": "array", "items": _MESSAGE}, **_SAMPLING,
-        "logprobs": {"type": "boolean"}, "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
-        "tools": {"type": "array"}, "tool_choice": {"oneOf": [{"type": "string"}, {"type": "object"}]}},
-        "additionalProperties": True, "description": "Every native KoboldCpp sampler field is accepted too."},
-    "/v1/completions": {"type": "object", "properties": {
-        "prompt": {"oneOf": [{"type": "string"}, {"type": "array"}]}, **_SAMPLING,
-        "logprobs": {"type": "integer", "minimum": 0, "maximum": 20}, "echo": {"type": "boolean"}},
-        "additionalProperties": True},
-    "/v1/embeddings": {"type": "object", "required": ["input"], "properties": {
-        "input": {"oneOf": [{"type": "string"}, {"type": "array"}]},
-        "encoding_format": {"enum": ["float", "base64"]}, "dimensions": {"type": "integer"}}},
-    "/api/v1/generate": {"type": "object", "properties": {
-        "prompt": {"type": "string"}, "memory": {"type": "string"}, "max_length": {"type": "integer"},
-        "max_context_length": {"type": "integer"}, "temperature": {"type": "number"},
-        "stop_sequence": {"type": "array", "items": {"type": "string"}}, "sampler_seed": {"type": "integer"}},
-        "additionalProperties": True},
+    "/v1/chat/completions": _CHAT_BODY,
+    "/v1/completions": _COMPLETION_BODY,
+    "/v1/embeddings": _EMBEDDINGS_BODY,
+    "/v1/edits": _EDIT_BODY,
+    "/v1/moderations": _MODERATION_BODY,
+    "/v1/images/generations": _IMAGES_BODY,
+    "/api/v1/generate": _obj(_NATIVE, description="Unknown fields are ignored; out-of-range samplers are clamped."),
+    "/api/extra/generate/check": _GENKEY_BODY,
+    "/api/extra/abort": _GENKEY_BODY,
+    "/api/extra/last_logprobs": _GENKEY_BODY,
+    "/api/extra/tokencount": _obj({"prompt": _STR, "special": {"type": "boolean", "description": "default true"}}),
+    "/api/extra/detokenize": _obj({"ids": _arr(_TOKEN_ID, description="ids below the vocabulary size"),
+                                   "special": _BOOL}),
+    "/api/extra/json_to_grammar": _obj({"schema": {"anyOf": [{"type": "object"}, {"type": "string"}]}},
+                                       description="{\"schema\": {...}} or the schema itself"),
+    "/api/generate": _OLLAMA_GENERATE_BODY,
+    "/api/chat": _OLLAMA_CHAT_BODY,
 }
 BODIES["/chat/completions"] = BODIES["/v1/chat/completions"]
 for _p in ("/v1/completion", "/completions", "/v1/engines/{engine}/generate", "/v1/engines/{engine}/completions"):
     BODIES[_p] = BODIES["/v1/completions"]
 BODIES["/v1/engines/{engine}/embeddings"] = BODIES["/api/extra/embeddings"] = BODIES["/v1/embeddings"]
 BODIES["/api/extra/generate/stream"] = BODIES["/api/v1/generate"]
+BODIES["/api/extra/tokenize"] = BODIES["/api/extra/tokencount"]
+BODIES["/images/generations"] = BODIES["/v1/images/generations"]
+
+# ---------------------------------------------------------------- 200 replies: path -> {media type: schema}
+
+_JSON = "application/json"
+_HTML = {"text/html": {"type": "string"}}
+_FINISH = {"enum": ["stop", "length", "tool_calls", "content_filter", "function_call", None]}
+
+
+def _sse(data_schema: dict, description: str, event: str | None = None, done: bool = False) -> dict:
+    """One server-sent event (OpenAPI 3.1 convention: the schema of an event stream describes each event);
+    `data` is JSON text described by contentSchema, or the terminating [DONE]."""
+    data = {"type": "string", "contentMediaType": _JSON, "contentSchema": data_schema}
+    if done:  # if/else rather than anyOf, so a bad chunk is reported field by field
+        data = {"type": "string", "if": {"const": "[DONE]"}, "else": data}
+    props = {"data": data}
+    if event:
+        props["event"] = {"const": event}
+    return _obj(props, ["data"], description=description)
+
+
+def _or_error(schema: dict) -> dict:
+    return {"if": {"type": "object", "required": ["error"]}, "then": _STREAM_ERROR, "else": schema}
+
+
+_STREAM_ERROR = _obj({"error": SCHEMAS["OpenAIError"]["properties"]["error"]}, ["error"],
+                     description="a generation that fails mid-stream")
+SCHEMAS["ChatCompletionChunk"] = _obj({
+    "id": _STR, "object": {"const": "chat.completion.chunk"}, "created": _INT, "model": _STR,
+    "system_fingerprint": _STR,
+    "choices": _arr(_obj({
+        "index": _NN_INT,
+        "delta": _obj({"role": {"const": "assistant"}, "content": _NULLABLE_STR, "refusal": _NULLABLE_STR,
+                       "tool_calls": _arr(_obj({"index": _NN_INT, "id": _STR, "type": {"const": "function"},
+                                                "function": _obj({"name": _STR, "arguments": _STR})},
+                                               ["index"]))}),
+        "logprobs": SCHEMAS["ChatCompletion"]["properties"]["choices"]["items"]["properties"]["logprobs"],
+        "finish_reason": _FINISH}, ["index", "delta"])),
+    "usage": {"anyOf": [{"type": "null"}, _USAGE]}}, ["id", "object", "created", "model", "choices"])
+SCHEMAS["TextCompletionChunk"] = _obj({
+    "id": _STR, "object": {"const": "text_completion"}, "created": _INT, "model": _STR,
+    "system_fingerprint": _STR,
+    "choices": _arr(_obj({"index": _NN_INT, "text": _STR, "finish_reason": _FINISH,
+                          "logprobs": {"anyOf": [{"type": "null"}, _COMPLETION_LOGPROBS]}}, ["index", "text"])),
+    "usage": {"anyOf": [{"type": "null"}, _USAGE]}}, ["id", "object", "created", "model", "choices"])
+SCHEMAS["KoboldStreamEvent"] = _sse(
+    _obj({"token": _STR, "finish_reason": {"enum": ["stop", "length", None]}}, ["token", "finish_reason"]),
+    "event: message; the last event has finish_reason set", event="message")
+SCHEMAS["ChatCompletionEvent"] = _sse(_or_error(_ref("ChatCompletionChunk")),
+                                      "with stream: true; data: [DONE] ends the stream", done=True)
+SCHEMAS["TextCompletionEvent"] = _sse(_or_error(_ref("TextCompletionChunk")),
+                                      "with stream: true; data: [DONE] ends the stream", done=True)
+_CHAT_REPLY = {_JSON: _ref("ChatCompletion"), "text/event-stream": _ref("ChatCompletionEvent")}
+_COMPLETION_REPLY = {_JSON: _ref("TextCompletion"), "text/event-stream": _ref("TextCompletionEvent")}
+_NDJSON = {"type": "string", "description": "with stream true (the default): one JSON object per line, the "
+                                            "last with done: true (or {\"error\": str} if generation fails)"}
+
+REPLIES = {
+    "/api/v1/generate": {_JSON: _ref("GenerateResponse")},
+    "/api/extra/generate/stream": {"text/event-stream": _ref("KoboldStreamEvent")},
+    "/api/extra/generate/check": {_JSON: _ref("CheckResponse")},
+    "/api/extra/abort": {_JSON: _ref("AbortResponse")},
+    "/api/extra/last_logprobs": {_JSON: _ref("LastLogprobs")},
+    "/api/v1/model": {_JSON: _ref("Result")},
+    "/api/v1/info/version": {_JSON: _ref("Result")},
+    "/api/v1/config/max_context_length": {_JSON: _ref("IntValue")},
+    "/api/v1/config/max_length": {_JSON: _ref("IntValue")},
+    "/api/extra/true_max_context_length": {_JSON: _ref("IntValue")},
+    "/api/v1/config/soft_prompt": {_JSON: _ref("StrValue")},
+    "/api/v1/config/soft_prompts_list": {_JSON: _ref("Values")},
+    "/api/extra/version": {_JSON: _ref("Version")},
+    "/api/extra/perf": {_JSON: _ref("Perf")},
+    "/api/extra/tokencount": {_JSON: _ref("TokenCount")},
+    "/api/extra/tokenize": {_JSON: _ref("TokenCount")},
+    "/api/extra/detokenize": {_JSON: _ref("Detokenized")},
+    "/api/extra/json_to_grammar": {_JSON: _ref("Grammar")},
+    "/api/extra/preloadstory": {_JSON: {"type": "object", "description": "the story JSON, or {} when none"}},
+    "/api/extra/embeddings": {_JSON: _ref("Embeddings")},
+    "/ping": {_JSON: _ref("Health")},
+    "/": _HTML, "/klite": _HTML, "/api": _HTML,
+    "/api/openapi.json": {_JSON: _ref("OpenAPIDocument")},
+    "/v1/chat/completions": _CHAT_REPLY, "/chat/completions": _CHAT_REPLY,
+    "/v1/completions": _COMPLETION_REPLY, "/v1/completion": _COMPLETION_REPLY, "/completions": _COMPLETION_REPLY,
+    "/v1/engines/{engine}/generate": _COMPLETION_REPLY, "/v1/engines/{engine}/completions": _COMPLETION_REPLY,
+    "/v1/models": {_JSON: _ref("ModelList")}, "/models": {_JSON: _ref("ModelList")},
+    "/v1/models/{model}": {_JSON: _ref("Model")},
+    "/v1/engines": {_JSON: _ref("EngineList")}, "/v1/engines/{engine}": {_JSON: _ref("Engine")},
+    "/v1/embeddings": {_JSON: _ref("Embeddings")}, "/v1/engines/{engine}/embeddings": {_JSON: _ref("Embeddings")},
+    "/v1/edits": {_JSON: _ref("Edit")},
+    "/v1/moderations": {_JSON: _ref("Moderation")},
+    "/v1/images/generations": {_JSON: _ref("Images")}, "/images/generations": {_JSON: _ref("Images")},
+    "/api/tags": {_JSON: _ref("OllamaTags")}, "/api/ps": {_JSON: _ref("OllamaTags")},
+    "/api/version": {_JSON: _ref("OllamaVersion")},
+    "/api/generate": {_JSON: dict(_ref("OllamaGenerate"), description="with stream: false"),
+                      "application/x-ndjson": _NDJSON},
+    "/api/chat": {_JSON: dict(_ref("OllamaChat"), description="with stream: false"),
+                  "application/x-ndjson": _NDJSON},
+}
+
+# routes that queue a generation: 503 when the queue is full
+_GENERATING = {"/api/v1/generate", "/api/extra/generate/stream", "/v1/chat/completions", "/chat/completions",
+               "/v1/completions", "/v1/completion", "/completions", "/v1/engines/{engine}/generate",
+               "/v1/engines/{engine}/completions", "/v1/edits", "/api/generate", "/api/chat"}
+_ERROR_SCHEMA = {"openai": "OpenAIError", "ollama": "OllamaError", "kobold": "KoboldError"}
+_ERROR_TEXT = {400: "invalid body or parameter", 401: "missing or wrong API key (--password)",
+               404: "no such route", 405: "method not allowed on this path (the Allow header lists the right ones)",
+               413: "body larger than --maxrequestsize", 501: "not configured", 502: "the upstream server failed",
+               503: "the request queue is full; retry later"}
+
+
+def _error(status: int, dialect: str) -> dict:
+    return {"$ref": f"#/components/responses/{_ERROR_SCHEMA.get(dialect, 'KoboldError')}{status}"}
+
+
+def _error_responses() -> dict:
+    out = {}
+    for schema in _ERROR_SCHEMA.values():
+        for status, text in _ERROR_TEXT.items():
+            out[f"{schema}{status}"] = {"description": text, "content": {_JSON: {"schema": _ref(schema)}}}
+    return out
+
+
+def _slug(method: str, path: str) -> str:
+    return method.lower() + path.replace("/", "_").replace("{", "").replace("}", "")
 
 
 def build(routes: Iterable[Tuple[str, str, bool, str]], version: str, title: str = "KoboldCpp-compatible server") -> dict:
     """routes: (METHOD, path, needs_auth, dialect)."""
     paths: dict = {}
-    for method, path, auth, dialect in sorted(routes, key=lambda r: (r[1], r[0])):
+    for method, path, auth, dialect in sorted(set(routes), key=lambda r: (r[1], r[0])):
         tag, summary = DESCRIPTIONS.get(path, ("Other", f"{method} {path}"))
-        op = {"tags": [tag], "summary": summary, "operationId": (method.lower() + path.replace("/", "_")
-                                                                  .replace("{", "").replace("}", "")),
-              "responses": {"200": {"description": "OK"}}}
-        params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+        reply = REPLIES.get(path, {_JSON: {"type": "object"}})
+        op = {"tags": [tag], "summary": summary, "operationId": _slug(method, path),
+              "responses": {"200": {"description": "OK",
+                                    "content": {mt: {"schema": s} for mt, s in reply.items()}}}}
+        # an id in the path is echoed nowhere: any model/engine name answers with the loaded model
+        params = [{"name": n, "in": "path", "required": True,
+                   "schema": {"type": "string", "pattern": "^[A-Za-z0-9_:-][A-Za-z0-9._:-]*$"}}
                   for n in ("model", "engine") if "{" + n + "}" in path]
         if params:
             op["parameters"] = params
+        codes = [404, 405]
         if method in ("POST", "PUT", "PATCH"):
-            op["requestBody"] = {"required": False, "content": {"application/json": {
-                "schema": BODIES.get(path, {"type": "object"})}}}
-            op["responses"]["400"] = {"description": "invalid body", "content": {"application/json": {
-                "schema": _ERROR if dialect == "openai" else {"type": "object"}}}}
+            body = BODIES.get(path, {"type": "object"})
+            # no body reads as {}: only a body with required fields must be sent
+            op["requestBody"] = {"required": bool(body.get("required")), "content": {_JSON: {"schema": body}}}
+            codes += [400, 413]
         if auth:
             op["security"] = [{"bearer": []}]
-            op["responses"]["401"] = {"description": "missing or wrong API key (--password)"}
-        if path in ("/v1/chat/completions", "/v1/completions", "/api/v1/generate", "/api/generate", "/api/chat"):
-            op["responses"]["503"] = {"description": "the request queue is full"}
+            codes.append(401)
+        if path in _GENERATING:
+            codes.append(503)
+        if "images/generations" in path:
+            codes += [501, 502]
+        for c in sorted(codes):
+            op["responses"][str(c)] = _error(c, dialect)
         paths.setdefault(path, {})[method.lower()] = op
-    return {"openapi": "3.1.0",
+    return copy.deepcopy({"openapi": "3.1.0",
             "info": {"title": title, "version": version,
                      "description": "KoboldCpp native API, an OpenAI-compatible API under /v1 and Ollama routes."},
-            "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-            "paths": paths}
+            "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+                           "schemas": SCHEMAS, "responses": _error_responses()},
+            "paths": paths})  # callers get no references into the module's tables
 
 
 def render_html(doc: dict) -> str:
