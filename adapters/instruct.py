@@ -256,8 +256,9 @@ _jinja_cache = {}
 
 
 def render_jinja(template: str, messages: List[dict], tools=None, add_generation_prompt: bool = True,
-                 bos_token: str = "", eos_token: str = "") -> str:
-    """Render a GGUF chat template in a sandbox. BOS is left out: the engine adds it when tokenizing."""
+                 bos_token: str = "", eos_token: str = "", extra: Optional[dict] = None) -> str:
+    """Render a GGUF chat template in a sandbox. BOS is left out: the engine adds it when tokenizing. `extra`:
+    further template variables (a request's chat_template_kwargs, e.g. enable_thinking, reasoning_effort)."""
     try:
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -277,7 +278,8 @@ def render_jinja(template: str, messages: List[dict], tools=None, add_generation
         except TemplateError as e:
             raise JinjaError(f"the model's chat template does not parse: {e}")
         _jinja_cache[template] = tpl
-    kwargs = dict(messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token,
+    kwargs = {k: v for k, v in (extra or {}).items() if isinstance(k, str)}
+    kwargs.update(messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token,
                   eos_token=eos_token)
     if tools:
         kwargs["tools"] = tools

@@ -151,6 +151,15 @@ class _PySampler:
         self.ptr = L.llama_sampler_init(ctypes.pointer(iface), None)
 
 
+def init_grammar(vocab, grammar: str, triggers=()):
+    """llama.cpp's grammar sampler; lazy (inactive until a trigger pattern matches the output) given triggers."""
+    if not triggers:
+        return L.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+    arr = (ctypes.c_char_p * len(triggers))(*[t.encode("utf-8") for t in triggers])
+    return L.llama_sampler_init_grammar_lazy_patterns(vocab, grammar.encode("utf-8"), b"root", arr, len(triggers),
+                                                      None, 0)
+
+
 class SamplerChain:
     """Owns a llama.cpp sampler chain for one request."""
 
@@ -189,7 +198,7 @@ class SamplerChain:
         # The grammar stays out of the chain: checking one sampled token is cheap, masking all 262k is not.
         self.grammar = None
         if p.grammar:
-            self.grammar = L.llama_sampler_init_grammar(vocab, p.grammar.encode("utf-8"), b"root")
+            self.grammar = init_grammar(vocab, p.grammar, p.grammar_triggers)
             if not self.grammar:
                 self.grammar = None
                 self.close()
