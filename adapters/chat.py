@@ -255,13 +255,18 @@ def _plan_native(plan: Plan, template: GenRequest, seeds, tools, names, choice, 
     plan.output = spec
     chosen = names if choice in ("auto", "required") else [choice]
     grammar = triggers = None
+    think = None
     if not template.sampling.grammar:
         after = spec.think_end if (spec.think_open and choice != "auto") else ""
         grammar = toolmod.format_grammar(tools, chosen, fmt, parallel=parallel, after=after)
         if choice == "auto" or after:
             triggers = toolmod.format_triggers(fmt, chosen, after)
+        if choice == "auto" and spec.think_start and spec.think_end and not spec.harmony:
+            think = (spec.think_start, spec.think_end, spec.think_open)
     plan.tool_mode = "auto" if choice == "auto" else "forced"
     plan.requests = for_choices(template, prompt, seeds, grammar, None, triggers, special, drop_stops)
+    for r in plan.requests:
+        r.sampling.grammar_trigger_think = think
     return plan
 
 

@@ -93,9 +93,9 @@ def new_call_id(fmt: str = "") -> str:
 @dataclass(frozen=True)
 class Format:
     """A family's tool-call section. `starts`: (regex, only at the start of the output, the match is consumed).
-    Each call: `open` (first call) / `next` (later calls) anchored regexes, which may capture the function's `name`
-    (then the body is the arguments' JSON value, else a JSON object holding name and arguments), then `close`;
-    `end` closes the section (optional)."""
+    Each call: `open` (first call) / `next` (later calls; default: `open`) anchored regexes, which may capture the
+    function's `name` (then the body is the arguments' JSON value, else a JSON object holding name and arguments),
+    then `close`; `end` closes the section (optional)."""
     starts: tuple
     open: str
     next: str = ""
@@ -128,8 +128,9 @@ FORMATS = {
     "phi4mini": Format(starts=((r"<\|tool_call\|>", False, True),), open=r"\s*\[?\s*", next=r"\s*,\s*",
                        end=r"\s*\]?\s*<\|/tool_call\|>", special=True),
     "command-r": Format(starts=((r"Action:\s*```", False, True), (r"<\|START_ACTION\|>", False, True)),
-                        open=r"\s*(?:json)?\s*\[\s*", next=r"\s*,\s*", end=r"\s*\]\s*(?:```|<\|END_ACTION\|>)?", special=True),
-    "glm4": Format(starts=((r"[A-Za-z_][\w.\-]*\n\{", True, False),), open=r"(?P<name>[A-Za-z_][\w.\-]*)\n"),
+                        open=r"\s*(?:json)?\s*\[\s*", next=r"\s*,\s*", end=r"\s*\]\s*(?:```|<\|END_ACTION\|>)", special=True),
+    "glm4": Format(starts=((r"[A-Za-z_][\w.\-]*\n\{", True, False),), open=r"(?P<name>[A-Za-z_][\w.\-]*)\n",
+                   next=r"(?!)"),
 }
 NAME_KEYS = ("name", "tool_name")
 ARG_KEYS = ("arguments", "parameters")
@@ -443,7 +444,7 @@ class OutputParser:
                         return
                     if m and m.partial and not final:
                         return
-                pat = fmt.open if self.phase == "open" else (fmt.next or None)
+                pat = fmt.open if self.phase == "open" else (fmt.next or fmt.open)
                 m = self._match(pat, final) if pat else None
                 if m and m.partial:
                     return

@@ -1,13 +1,14 @@
-"""Tool (function) calling for models without native tool tags: grammar-forced JSON calls.
+"""Tool (function) calling: validation, and the grammars and prompt text of each tool-call format.
 
-Forced calls (tool_choice names a function, or "required") generate under a GBNF grammar built from the tools'
-parameter schemas, so the arguments always parse and match the schema. "auto" first asks the model a short
-grammar-constrained question (which tool, or none), as KoboldCpp does, then forces that call or answers normally.
+Models with a native format (the family's own call syntax; adapters/parsing.py reads it back) get tools described
+by their template, and their calls constrained by a grammar: forced for tool_choice "required" or a named function,
+lazy for "auto" (free text until the model starts a call). Models without one get grammar-forced JSON calls; for
+"auto" a short grammar-constrained question (which tool, or none) comes first, as KoboldCpp does.
 """
 from __future__ import annotations
 
 import json
-import random
+import re
 from typing import List, Optional
 
 from adapters.errors import BadRequest
@@ -147,33 +148,6 @@ def parse_decision(text: str, names: List[str]) -> Optional[str]:
     return v if v in names else None
 
 
-def new_call_id() -> str:
-    return "call_" + "".join(random.choice("0123456789abcdefghijklmnopqrstuvwxyz") for _ in range(24))
-
-
-def parse_calls(text: str) -> Optional[List[dict]]:
-    """Generated JSON -> [{"name", "arguments" (a JSON value)}], or None if it did not complete."""
-    try:
-        obj = json.loads(text, strict=False)
-    except (ValueError, RecursionError):
-        return None
-    calls = obj if isinstance(obj, list) else [obj]
-    out = []
-    for c in calls:
-        if not isinstance(c, dict) or not isinstance(c.get("name"), str):
-            return None
-        out.append({"name": c["name"], "arguments": c.get("arguments", {})})
-    return out
-
-
-def parse_call(text: str) -> Optional[List[dict]]:
-    """Generated JSON -> OpenAI tool_calls (arguments as a JSON string, a fresh call id each), or None."""
-    calls = parse_calls(text)
-    return None if calls is None else [{"id": new_call_id(), "type": "function",
-             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-            for c in calls]
-
-
 # ---------------------------------------------------------------------------------------------------------
 # native tool-call formats: grammars that force or (lazily) constrain a family's call syntax, the calls of a
 # history turn written in that syntax, and how the tools are described when no chat template describes them
@@ -194,11 +168,6 @@ def gbnf_literal(s: str) -> str:
         else:
             out.append(ch)
     return "".join(out) + '"'
-
-
-def _regex_escape(s: str) -> str:
-    """ECMAScript regex (llama.cpp's triggers use std::regex): escape every metacharacter."""
-    return "".join("\\" + ch if ch in r"\^$.|?*+()[]{}/-" else ch for ch in s)
 
 
 # per format: the call object's keys ("" = named format: the name is literal text and the body is the arguments)
@@ -244,7 +213,7 @@ def format_grammar(tools: List[dict], names: List[str], fmt: str, parallel: bool
                 args = conv.visit(conv.resolve_refs(tool_schema(by_name[n]), "tool"), f"args{i}")
                 rules.append(_NAMED[fmt].replace("NAME", gbnf_literal(n)).replace("ARGS", args))
             body = {"@N@": "ncall"}
-            extra = [f"ncall ::= " + " | ".join(f"( {r} )" for r in rules)]
+            extra = ["ncall ::= " + " | ".join(f"( {r} )" for r in rules)]
         else:
             kn, ka = _OBJ_KEYS[fmt]
             for i, n in enumerate(names):
@@ -270,17 +239,17 @@ def format_grammar(tools: List[dict], names: List[str], fmt: str, parallel: bool
 
 
 def format_triggers(fmt: str, names: List[str], after: str = "") -> List[str]:
-    """std::regex patterns (whole-text matches; group 1 marks where the lazy grammar starts) for "auto" calls."""
+    """Python regexes (group 1 starts the constrained text) that start a lazy tool grammar, for "auto" calls."""
     if after:
-        return [r"[\s\S]*?(" + _regex_escape(after) + r")[\s\S]*"]
+        return ["(" + re.escape(after) + ")"]
     if fmt == "llama3":
-        return [r"[\s\S]*?(<\|python_tag\|>)[\s\S]*", r"\s*(\{\s*\"name\")[\s\S]*"]
+        return [r"(<\|python_tag\|>)", r"^\s*(\{\s*\"name\")"]
     if fmt == "glm4":
-        return [r"\s*((?:" + "|".join(_regex_escape(n) for n in names) + r")\n)[\s\S]*"]
+        return [r"^\s*((?:" + "|".join(re.escape(n) for n in names) + r")\n)"]
     trigger = _SECTIONS[fmt][1]
     if trigger is None:
-        return [r"\s*(\{)[\s\S]*"]
-    return [r"[\s\S]*?(" + _regex_escape(trigger) + r")[\s\S]*"]
+        return [r"^\s*(\{)"]
+    return ["(" + re.escape(trigger) + ")"]
 
 
 def _args_text(call: dict) -> str:
