@@ -22,6 +22,7 @@ FAMILIES = {
     "Llama-3.1": ("Llama-3.1", "<|begin_of_text|>", "<|eot_id|>", ALL),
     "Llama-3.2": ("Llama-3.2", "<|begin_of_text|>", "<|eot_id|>", ALL),
     "Llama-3.3": ("Llama-3.1", "<|begin_of_text|>", "<|eot_id|>", ALL),
+    "Llama-4": ("Llama-4", "<|begin_of_text|>", "<|eot|>", ALL),
     "Mistral-NonTekken": ("Mistral-NonTekken", "<s>", "</s>", ALL),
     "Mistral-V3": ("Mistral-V3", "<s>", "</s>", ALL),
     "Mistral-V3-Tekken": ("Mistral-V3-Tekken", "<s>", "</s>", ALL),
@@ -138,8 +139,6 @@ def test_family_facts():
 
 @pytest.mark.parametrize("template,preset", [
     # families without a reachable real template: AutoGuess on their markers (see tests/templates/README.md)
-    ("{{ bos_token }}{% for m in messages %}<|header_start|>{{ m.role }}<|header_end|>\n\n{{ m.content }}<|eot|>"
-     "{% endfor %}<|header_start|>assistant<|header_end|>\n\n", "Llama-4"),
     ("{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}<\uff5cUser\uff5c>{{ m.content }}"
      "{% elif m.role == 'assistant' %}<\uff5cAssistant\uff5c>{{ m.content }}<\uff5cend\u2581of\u2581sentence\uff5c>"
      "{% else %}{{ m.content }}{% endif %}{% endfor %}<\uff5cAssistant\uff5c>", "DeepSeek"),
