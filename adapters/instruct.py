@@ -127,6 +127,13 @@ def validate_adapter(obj, source: str = "adapter") -> dict:
                 raise AdapterError(f"{source}: '{k}' must be a string")
             if k == "tool_format" and v not in TOOL_FORMATS:
                 raise AdapterError(f"{source}: 'tool_format' must be one of {', '.join(TOOL_FORMATS)}")
+            if k == "date_format":
+                try:
+                    ok = len(v) <= 64 and isinstance(time.strftime(v), str)
+                except (ValueError, UnicodeError):  # a NUL byte, an unencodable character
+                    ok = False
+                if not ok:
+                    raise AdapterError(f"{source}: 'date_format' must be a strftime format of at most 64 characters")
             if k == "system_fold" and "{content}" not in v:
                 raise AdapterError(f"{source}: 'system_fold' must contain {{content}} (and usually {{system}})")
             out[k] = v

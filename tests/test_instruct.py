@@ -195,6 +195,9 @@ def test_optional_keys_are_validated():
         instruct.validate_adapter({"tool_format": "xml"})
     with pytest.raises(instruct.AdapterError, match="default_system"):
         instruct.validate_adapter({"default_system": 3})
+    for bad in ("%Y\x00", "%Y" * 40, 5):
+        with pytest.raises(instruct.AdapterError, match="date_format"):
+            instruct.validate_adapter({"date_format": bad})
     ad = instruct.validate_adapter({"tool_format": "hermes", "think_in_prompt": True, "date_format": "%Y"})
     assert ad == {"tool_format": "hermes", "think_in_prompt": True, "date_format": "%Y"}
 
