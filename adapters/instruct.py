@@ -16,6 +16,8 @@ Optional keys for families one set of tags cannot express (all absent = KoboldCp
   trim_content     true: message text is stripped of surrounding whitespace, as the template's trim/strip does.
   strip_think_history  true: earlier assistant turns keep only the text after the last think_end (the template
                    drops their reasoning).
+  stops            the strings that mean the model has started a new turn, replacing the ones derived from the
+                   role tags (gpt-oss ends its analysis with <|end|> and goes on in the same reply).
 
 Facts about the family for the parsers of model output (not used to build prompts):
   tool_format      how the model writes tool calls: "hermes" (<tool_call>\n{json}\n</tool_call>), "llama3"
@@ -137,6 +139,11 @@ def validate_adapter(obj, source: str = "adapter") -> dict:
             if k == "system_fold" and "{content}" not in v:
                 raise AdapterError(f"{source}: 'system_fold' must contain {{content}} (and usually {{system}})")
             out[k] = v
+        elif k == "stops":
+            if (not isinstance(v, list) or len(v) > 16
+                    or not all(isinstance(x, str) and x.strip() and len(x) <= 200 for x in v)):
+                raise AdapterError(f"{source}: 'stops' must be a list of at most 16 non-empty strings")
+            out[k] = list(v)
         elif k == "system_fold_at":
             if v not in ("first", "last"):
                 raise AdapterError(f"{source}: 'system_fold_at' must be \"first\" or \"last\"")
@@ -272,6 +279,8 @@ def replace_placeholders(text, adapter: dict):
 
 def chat_stops(adapter: dict) -> List[str]:
     """Role tags that mean the model has started a new turn: hidden stop strings for chat."""
+    if "stops" in adapter:
+        return list(adapter["stops"])
     out = []
     for key in ("user_start", "assistant_start", "system_start", "assistant_end"):
         s = tag(adapter, key).strip()

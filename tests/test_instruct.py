@@ -244,3 +244,14 @@ def test_placeholders_follow_new_presets(name):
                                                   "assistant_start", "assistant_end"))
     assert instruct.replace_placeholders(text, ad) == want
     assert "{{[" not in want and "{date}" not in want
+
+
+def test_explicit_stops_replace_the_role_tag_stops():
+    _, harmony = instruct.load_adapter("GPT-OSS")
+    # the analysis channel ends with <|end|> and the final answer follows in the same reply: not a stop
+    assert instruct.chat_stops(harmony) == ["<|start|>user", "<|start|>developer", "<|start|>system"]
+    _, chatml = instruct.load_adapter("ChatML")
+    assert "<|im_end|>" in instruct.chat_stops(chatml)
+    for bad in ("<|end|>", [""], [1], ["x"] * 17):
+        with pytest.raises(instruct.AdapterError, match="stops"):
+            instruct.validate_adapter({"stops": bad})
