@@ -14,8 +14,9 @@ Optional keys for families one set of tags cannot express (all absent = KoboldCp
   system_prefix    text written at the start of every system turn's content (Llama 3.1's knowledge/date lines).
   date_format      strftime format; "{date}" in any tag, default_system and system_prefix becomes today's date.
   trim_content     true: message text is stripped of surrounding whitespace, as the template's trim/strip does.
-  strip_think_history  true: earlier assistant turns keep only the text after the last think_end (the template
-                   drops their reasoning).
+  strip_think_history  "split": earlier assistant turns keep only the text after the last think_end, as the
+                   template drops their reasoning (DeepSeek R1); "split_lstrip": the same without the newlines that
+                   start that text (Qwen 3, QwQ).
   stops            the strings that mean the model has started a new turn, replacing the ones derived from the
                    role tags (gpt-oss ends its analysis with <|end|> and goes on in the same reply).
 
@@ -48,7 +49,7 @@ SAMPLER_KEYS = {"temperature": float, "top_k": int, "top_p": float, "min_p": flo
 # the optional keys of the module docstring, by type
 STR_KEYS = ("system_fold", "system_prefix", "default_system", "date_format", "tool_format", "think_start",
             "think_end")
-BOOL_KEYS = ("trim_content", "strip_think_history", "think_in_prompt")
+BOOL_KEYS = ("trim_content", "think_in_prompt")
 TOOL_FORMATS = ("hermes", "llama3", "mistral", "deepseek", "kimi", "harmony", "granite", "phi4mini", "command-r",
                 "glm4")
 
@@ -144,6 +145,10 @@ def validate_adapter(obj, source: str = "adapter") -> dict:
                     or not all(isinstance(x, str) and x.strip() and len(x) <= 200 for x in v)):
                 raise AdapterError(f"{source}: 'stops' must be a list of at most 16 non-empty strings")
             out[k] = list(v)
+        elif k == "strip_think_history":
+            if v not in ("split", "split_lstrip"):
+                raise AdapterError(f"{source}: 'strip_think_history' must be \"split\" or \"split_lstrip\"")
+            out[k] = v
         elif k == "system_fold_at":
             if v not in ("first", "last"):
                 raise AdapterError(f"{source}: 'system_fold_at' must be \"first\" or \"last\"")
@@ -307,7 +312,8 @@ def _turns(messages: List[dict], adapter: dict, continue_assistant: bool) -> Lis
     """(tag key, content) per turn after the family's rules: tool-call text, trimming, dropped reasoning, the
     default system prompt, the system prefix and system folding."""
     trim = adapter.get("trim_content")
-    think_end = adapter.get("think_end") if adapter.get("strip_think_history") else None
+    strip_think = adapter.get("strip_think_history")
+    think_end = adapter.get("think_end") if strip_think else None
     turns = []
     for i, m in enumerate(messages):
         role = m["role"]
@@ -326,6 +332,8 @@ def _turns(messages: List[dict], adapter: dict, continue_assistant: bool) -> Lis
         continuing = continue_assistant and i == len(messages) - 1 and role == "assistant"
         if think_end and key == "assistant" and not continuing and think_end in content:
             content = content.split(think_end)[-1]
+            if strip_think == "split_lstrip":
+                content = content.lstrip("\n")
         if trim and not continuing:
             content = content.strip()
         turns.append((key, content))

@@ -193,6 +193,8 @@ def test_optional_keys_are_validated():
         instruct.validate_adapter({"trim_content": "yes"})
     with pytest.raises(instruct.AdapterError, match="tool_format"):
         instruct.validate_adapter({"tool_format": "xml"})
+    with pytest.raises(instruct.AdapterError, match="strip_think_history"):
+        instruct.validate_adapter({"strip_think_history": True})
     with pytest.raises(instruct.AdapterError, match="default_system"):
         instruct.validate_adapter({"default_system": 3})
     for bad in ("%Y\x00", "%Y" * 40, 5):
@@ -221,7 +223,7 @@ def test_default_system_prefix_date_trim_and_think_history():
     ad = {"system_start": "<s>", "system_end": "</s>", "user_start": "<u>", "user_end": "</u>",
           "assistant_start": "<a>", "assistant_end": "</a>", "default_system": "Day {date}.",
           "system_prefix": "P:", "date_format": "%Y", "trim_content": True,
-          "think_end": "</think>", "strip_think_history": True}
+          "think_end": "</think>", "strip_think_history": "split"}
     year = __import__("time").strftime("%Y")
     msgs = [{"role": "user", "content": "  hi  "}, {"role": "assistant", "content": "<think>x</think>ok"},
             {"role": "user", "content": "more"}]

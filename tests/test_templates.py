@@ -35,12 +35,12 @@ FAMILIES = {
     "Phi-4-mini": ("Phi-4-mini", "", "<|endoftext|>", ALL),
     "ChatML": ("ChatML", "", "<|im_end|>", ALL),
     "Qwen2.5": ("Qwen2.5", "", "<|im_end|>", ALL),
-    "Qwen3": ("Qwen3", "", "<|im_end|>", ALL),
-    "QwQ": ("QwQ", "", "<|im_end|>", ALL),
+    "Qwen3": ("Qwen3", "", "<|im_end|>", ALL + ("reasoning-history",)),
+    "QwQ": ("QwQ", "", "<|im_end|>", ALL + ("reasoning-history",)),
     # Gemma 2's template refuses a system message (raise_exception); Gemma 3 folds it into the first user turn
     "Gemma-2": ("Gemma", "<bos>", "<eos>", NO_SYSTEM),
     "Gemma-3": ("Gemma", "<bos>", "<eos>", ALL),
-    "DeepSeek-R1": ("DeepSeek-R1", DS_BOS, DS_EOS, ALL),
+    "DeepSeek-R1": ("DeepSeek-R1", DS_BOS, DS_EOS, ALL + ("reasoning-history",)),
     "Kimi-K2": ("Kimi-K2", "", "<|im_end|>", ALL),
     "GPT-OSS": ("GPT-OSS", "", "<|return|>", ALL),
     "GLM-4": ("GLM-4", "", "<|user|>", ALL),
@@ -59,11 +59,14 @@ A1 = {"role": "assistant", "content": "Hello! How can I help?"}
 U2 = {"role": "user", "content": "Name a color."}
 A2 = {"role": "assistant", "content": "Blue."}
 U3 = {"role": "user", "content": "Another one?"}
+A_THINK = {"role": "assistant", "content": "<think>\nThe user greets me.\n</think>\n\nHello! How can I help?"}
 CONVERSATIONS = {
     "system+user": [SYS, U1],
     "user": [U1],
     "history": [SYS, U1, A1, U2],
     "multi-turn": [U1, A1, U2, A2, U3],
+    # an earlier reply that still carries its reasoning: the reasoning families' templates drop it
+    "reasoning-history": [U1, A_THINK, U2],
 }
 
 
