@@ -134,7 +134,8 @@ def test_family_facts():
     assert "think_in_prompt" not in facts["Qwen3"]
     assert facts["QwQ"]["assistant_gen"].endswith("<think>\n")
     assert facts["DeepSeek-R1"]["assistant_gen"].endswith("<think>\n")
-    for name in ("ChatML", "Alpaca", "Vicuna", "Metharme", "Gemma", "Phi-3", "Phi-4"):
+    # no tool calls in Llama 3.0's or Mistral 7B v0.1/v0.2's templates
+    for name in ("ChatML", "Alpaca", "Vicuna", "Metharme", "Gemma", "Phi-3", "Phi-4", "Llama-3", "Mistral-NonTekken"):
         assert "tool_format" not in facts[name] and "think_start" not in facts[name]
     for ad in facts.values():
         assert ad.get("tool_format", "hermes") in instruct.TOOL_FORMATS
