@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chatcompletionsadapter", default=None,
                    help="instruct template for chat: a preset name, a JSON file, or AutoGuess (default Alpaca)")
     p.add_argument("--jinja", action="store_true", help="render chat with the model's own jinja chat template")
+    p.add_argument("--reasoningformat", choices=("separate", "none", "drop"), default="separate",
+                   help="a model's thinking in chat replies: separate (reasoning_content / thinking), none (left in "
+                        "the text), drop (removed)")
     p.add_argument("--embeddingsmodel", default=None, help="separate GGUF model for /v1/embeddings")
     p.add_argument("--sdurl", default=None, help="Automatic1111 server for /v1/images/generations (or SD_WEBUI_URL)")
     p.add_argument("--maxrequestsize", type=_int_range(1, 1024, "--maxrequestsize"), default=32, help="request body limit in MB")
@@ -258,7 +261,7 @@ def _chat_context(args, engine, model_name):
         print("--jinja: the model has no chat template; using the instruct adapter instead.")
     print(f"Chat completions adapter: {name}" + (" (--jinja: chat uses the model's own template)" if jinja else ""))
     return chat.Context(engine=engine, model_name=model_name, adapter_name=name, adapter=adapter, use_jinja=jinja,
-                        default_max_length=args.defaultgenamt)
+                        default_max_length=args.defaultgenamt, reasoning_format=args.reasoningformat)
 
 
 def _banner(args, state, url, host, threads, max_queue, model_path):

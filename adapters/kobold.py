@@ -10,7 +10,9 @@ from gguf_loader.jobs import GenRequest, Job, Result
 from . import fields as F, instruct, sse
 from .logprobs import chat_logprobs, completion_logprobs
 from .errors import BadRequest
+from .parsing import OutputParser, OutputSpec
 from .run import JobRunner, check, finish_reason
+
 
 @dataclass
 class GenDefaults:
@@ -120,15 +122,38 @@ def logprobs_object(lps) -> Optional[dict]:
     return {"content": chat_logprobs(lps)["content"], **completion_logprobs(lps)}
 
 
-def generate_response(result: Result) -> dict:
-    return {"results": [{
+def output_spec(body, defaults: GenDefaults) -> Optional[OutputSpec]:
+    """`reasoning_format` on native bodies: absent or "none" leaves the text as generated (KoboldCpp's clients,
+    Kobold Lite and SillyTavern, handle a <think> block themselves); "separate" moves a leading reasoning block to
+    `reasoning_content`, "drop" removes it. The tags are the server adapter's (else <think></think>)."""
+    if not isinstance(body, dict) or body.get("reasoning_format") in (None, "none"):
+        return None
+    rf = body["reasoning_format"]
+    if rf not in ("separate", "drop"):
+        raise BadRequest("'reasoning_format' must be \"none\", \"separate\" or \"drop\"", param="reasoning_format")
+    tags = defaults.instruct_tags or {}
+    start, end = (tags.get("think_start"), tags.get("think_end")) if tags.get("think_start") else ("<think>",
+                                                                                                 "</think>")
+    return OutputSpec(think_start=start, think_end=end, reasoning=rf,
+                      think_open=bool(body.get("prompt", "")) and str(body.get("prompt")).rstrip().endswith(start))
+
+
+def generate_response(result: Result, spec: Optional[OutputSpec] = None) -> dict:
+    out = {
         "text": result.text,
         "finish_reason": finish_reason(result),
         "logprobs": logprobs_object(result.logprobs),
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens,
         "tool_calls": [],
-    }]}
+    }
+    if spec is not None:
+        p = OutputParser(spec)
+        p.feed(result.text)
+        p.close()
+        out["text"] = p.message.content
+        out["reasoning_content"] = p.message.reasoning
+    return {"results": [out]}
 
 
 def stream_token(text: str) -> bytes:
@@ -139,17 +164,31 @@ def stream_end(result: Result) -> bytes:
     return sse.event({"token": "", "finish_reason": finish_reason(result)}, "message")
 
 
-def stream(runner: JobRunner, job: Job) -> Iterator[bytes]:
+def stream(runner: JobRunner, job: Job, spec: Optional[OutputSpec] = None) -> Iterator[bytes]:
     """KoboldCpp's SSE stream. Nothing is yielded before the first event, so a job that fails at once still
-    answers a JSON error instead of an empty stream."""
+    answers a JSON error instead of an empty stream. With a reasoning spec, reasoning pieces come as
+    {"token": "", "reasoning_content": ...} events."""
     sent = False
+    parser = OutputParser(spec) if spec is not None else None
+
+    def pieces(d):
+        if d.reasoning:
+            yield sse.event({"token": "", "reasoning_content": d.reasoning, "finish_reason": None}, "message")
+        if d.content:
+            yield stream_token(d.content)
+
     for ev in runner.follow(job):
         if ev.kind == "text" and ev.text:
             sent = True
-            yield stream_token(ev.text)
+            if parser is None:
+                yield stream_token(ev.text)
+            else:
+                yield from pieces(parser.feed(ev.text))
         elif ev.kind == "done":
             if not sent:
                 check(ev.result)
+            if parser is not None:
+                yield from pieces(parser.close())
             yield stream_end(ev.result)
 
 

@@ -293,6 +293,8 @@ class OutputParser:
         if spec.think_open and spec.think_start and spec.reasoning == "none":
             self.buf = spec.think_start  # left in the content as the model "wrote" it
         self.state = "think" if (think and spec.think_open) else ("start" if think else "content")
+        if spec.harmony:  # the channels carry the reasoning
+            self.state = "content"
         self.origin = 0  # where content began (start-only tool formats look here)
         self.message = Message()
         self.dropped = ""
@@ -323,6 +325,8 @@ class OutputParser:
     def _reasoning(self, d: Delta, text: str):
         if self.spec.reasoning == "drop":
             self.dropped += text  # counted, never sent
+        elif self.spec.reasoning == "none":  # Harmony's analysis channel, asked to stay in the content
+            self._content(d, text)
         else:
             d.reasoning += text
             self.message.reasoning += text

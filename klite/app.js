@@ -521,7 +521,7 @@
     updateButtons();
     setStatus("Generating…");
     el.perf.textContent = "";
-    const node = el.output.querySelector(`[data-idx="${idx}"] .body, .seg[data-idx="${idx}"]`);
+    const node = el.output.querySelector(`.msg[data-idx="${idx}"], .seg[data-idx="${idx}"]`);
     const isChat = session.mode === "chat";
     let raw = "";
     try {
@@ -533,7 +533,8 @@
         let shown = raw;
         if (isChat && prevLen === 0) shown = shown.replace(/^\s+/, "");
         turns[idx].text = turns[idx].text.slice(0, prevLen) + shown;
-        if (node) node.textContent = turns[idx].text;
+        if (node && node.classList.contains("msg")) fillTurn(node, turns[idx].text, turns[idx].role);
+        else if (node) node.textContent = turns[idx].text;
         stickToBottom();
       });
       finishText(idx, prevLen);
@@ -742,6 +743,41 @@
   }
 
   // ---------- rendering ----------
+  // A reasoning model's leading <think>...</think> block is shown apart, collapsed; the turn's text keeps it (it is
+  // what the model wrote), and an edit of the answer keeps it too.
+  function splitThinking(text) {
+    const lead = text.length - text.replace(/^\s+/, "").length;
+    if (!text.startsWith("<think>", lead)) return null;
+    const close = text.indexOf("</think>", lead);
+    if (close < 0) return { think: text.slice(lead + 7), prefix: text, rest: "", open: true };
+    const after = close + 8;
+    const rest = text.slice(after).replace(/^\s+/, "");
+    return { think: text.slice(lead + 7, close).trim(), prefix: text.slice(0, text.length - rest.length), rest, open: false };
+  }
+
+  function fillTurn(m, text, role) {
+    const b = m.querySelector(".body");
+    const split = role === "ai" ? splitThinking(text) : null;
+    let d = m.querySelector(".think");
+    if (!split) {
+      if (d) d.remove();
+      delete m.dataset.thinkPrefix;
+      b.textContent = text;
+      return;
+    }
+    if (!d) {
+      d = document.createElement("details");
+      d.className = "think";
+      d.append(document.createElement("summary"), document.createElement("div"));
+      d.lastChild.className = "think-body";
+      m.insertBefore(d, b);
+    }
+    d.firstChild.textContent = split.open ? "Thinking…" : "Thoughts";
+    d.lastChild.textContent = split.think;
+    m.dataset.thinkPrefix = split.prefix;
+    b.textContent = split.rest;
+  }
+
   function render() {
     const out = el.output;
     out.textContent = "";
@@ -782,10 +818,10 @@
         n.textContent = session.mode === "chat" ? nameOf(t) : (t.role === "user" ? "You" : "AI");
         const b = document.createElement("div");
         b.className = "body";
-        b.textContent = t.text;
         b.contentEditable = editable;
         b.spellcheck = false;
         m.append(n, b);
+        fillTurn(m, t.text, t.role);
         out.appendChild(m);
       });
     }
@@ -822,7 +858,7 @@
     const target = node.classList.contains("seg") ? node : node.querySelector(".body");
     if (!session.turns[idx] || !target) return;
     if (editSnapshotPending) { snapshot(); editSnapshotPending = false; }
-    session.turns[idx].text = target.innerText.replace(/\u00a0/g, " ");
+    session.turns[idx].text = (node.dataset.thinkPrefix || "") + target.innerText.replace(/\u00a0/g, " ");
     lastGen = null; // an edited reply is no longer the model's to retry piecewise
     autosave();
     scheduleCount();
