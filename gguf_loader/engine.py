@@ -23,7 +23,7 @@ import llama_cpp as L
 from . import grammar as gbnf
 from .jobs import (Event, GenRequest, InvalidRequest, Job, QueueFull, Result, TokenLogprob,  # noqa: F401 (re-exported)
                    token_budget)
-from .sampling import SamplerChain
+from .sampling import GrammarDone, SamplerChain
 from .textstream import TextStream
 
 
@@ -712,7 +712,12 @@ class Engine:
         if job.aborted.is_set():
             self._finish(s, "abort", -1)
             return
-        tok = s.sampler.sample(self.ctx, idx)
+        try:
+            tok = s.sampler.sample(self.ctx, idx)
+        except GrammarDone:
+            job.emit_text(s.stream.flush())
+            self._finish(s, "stop", 1)
+            return
         lp = self._logprob(idx, tok, req.top_logprobs) if req.logprobs else None
         s.generated.append(tok)
         is_eog = L.llama_vocab_is_eog(self.vocab, tok)
