@@ -209,7 +209,7 @@ def reasoning_options(b: F.Body) -> dict:
     rf = b.raw("reasoning_format")
     if rf is F.MISSING or rf is None:
         rf = None
-    elif rf not in chat.REASONING_FORMATS:
+    elif not isinstance(rf, str) or rf not in chat.REASONING_FORMATS:
         raise _bad("'reasoning_format' must be one of " + ", ".join(chat.REASONING_FORMATS), "reasoning_format")
     return {"reasoning_effort": effort, "template_kwargs": kw, "reasoning_format": rf}
 

@@ -184,3 +184,10 @@ def test_a_finished_grammar_with_the_end_banned_ends_cleanly(srv, path, body, pr
     text = json.dumps(out)
     assert "1" in text or '""' in text
     alive(srv)
+
+
+@pytest.mark.parametrize("value", [{}, [], 1, None, "bogus"])
+def test_reasoning_format_of_any_type_is_a_clean_answer(srv, value):
+    st, _, out = http("POST", srv.url + "/v1/chat/completions", dict(CHAT, reasoning_format=value))
+    assert st == (200 if value is None else 400), out
+    alive(srv)
