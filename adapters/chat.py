@@ -29,6 +29,7 @@ class Context:
     use_jinja: bool = False
     default_max_length: int = 896
     log: Callable[[str], None] = print
+    media: object = None  # adapters.media.MediaPolicy (None: no images/audio accepted)
 
 
 def new_id(prefix: str) -> str:

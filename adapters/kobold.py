@@ -7,7 +7,7 @@ from typing import Iterator, Optional
 
 from gguf_loader.jobs import GenRequest, Job, Result
 
-from . import fields as F, instruct, sse
+from . import fields as F, instruct, media as mediamod, sse
 from .logprobs import chat_logprobs, completion_logprobs
 from .errors import BadRequest
 from .run import JobRunner, check, finish_reason
@@ -19,6 +19,7 @@ class GenDefaults:
     max_context_length: int = 8192  # the server's context
     n_vocab: int = 0  # 0 = unknown: token ids are not range-checked
     instruct_tags: Optional[dict] = None  # server chat adapter tags for placeholders (None: Alpaca)
+    media: Optional[object] = None  # adapters.media.MediaPolicy (None: no images/audio accepted)
 
 
 def _instruct_tags(b: F.Body, defaults: GenDefaults) -> dict:
@@ -55,9 +56,16 @@ def parse_generate(body, defaults: GenDefaults) -> GenRequest:
         memory = instruct.replace_placeholders(memory, tags)
         stops = [s for s in (instruct.replace_placeholders(s, tags) for s in stops) if s]
     logprobs, top = _logprobs(b)
+    policy = defaults.media or mediamod.MediaPolicy()
+    media = mediamod.base64_list(b.data.get("images"), policy, "image", "images")
+    media += mediamod.base64_list(b.data.get("audio"), policy, "audio", "audio")
+    mediamod.check_count(len(media), policy, "images")
+    # as in KoboldCpp, media go right after memory, before the story text
+    prompt = mediamod.placeholders(media) + mediamod.strip_markers(prompt)
     return GenRequest(
         prompt=prompt,
-        memory=memory,
+        memory=mediamod.strip_markers(memory),
+        media=media,
         max_length=max_length,
         max_context_length=max_context_length,
         sampling=F.sampling(b, defaults.n_vocab),
