@@ -182,6 +182,8 @@ def perf_response(perf: dict, quiet: bool) -> dict:
         "last_eval_speed": round(n_out / et, 2) if et > 0 else 0,
         "last_seed": g("last_seed", 0),
         "last_cached_tokens": g("last_cached_tokens", 0),
+        "last_media_tokens": g("last_media_tokens", 0),  # image/audio embeddings among the input tokens
+        "last_encode_time": round(g("last_encode_time", 0.0), 4),  # seconds the projector encoded media
         "last_draft_success": 0,
         "last_draft_failed": 0,
         "total_gens": g("total_gens", 0),

@@ -391,6 +391,8 @@ class Engine:
         return {
             "last_prompt_tokens": r.prompt_tokens if r else 0,
             "last_cached_tokens": r.cached_tokens if r else 0,
+            "last_media_tokens": r.media_tokens if r else 0,
+            "last_encode_time": r.encode_time if r else 0.0,
             "last_completion_tokens": r.completion_tokens if r else 0,
             "last_process_time": r.process_time if r else 0.0,
             "last_eval_time": r.eval_time if r else 0.0,
