@@ -12,6 +12,7 @@ import hashlib
 import io
 import ipaddress
 import socket
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -36,6 +37,8 @@ class MediaPolicy:
     max_res: int = 1024  # --visionmaxres: the longest side an image is scaled down to
     allow_remote: bool = False  # --allowremotemedia
     max_bytes: int = MAX_MEDIA_BYTES
+    remote_timeout: float = REMOTE_TIMEOUT_S
+    private_hosts_ok: bool = False  # no flag sets this: only tests (and embedders on a trusted LAN) fetch locally
 
 
 def strip_markers(text: str) -> str:
@@ -124,7 +127,9 @@ def audio(raw: bytes, policy: MediaPolicy, where: str, param: str) -> Media:
     return Media("audio", raw, 0, 0, hashlib.sha256(raw).hexdigest())
 
 
-def _public_host(host: str, where: str, param: str):
+def _public_host(host: str, where: str, param: str, policy: MediaPolicy):
+    if policy.private_hosts_ok:
+        return
     try:
         infos = socket.getaddrinfo(host, None)
     except (socket.gaierror, UnicodeError, OSError):
@@ -137,33 +142,51 @@ def _public_host(host: str, where: str, param: str):
 
 
 class _CheckRedirects(urllib.request.HTTPRedirectHandler):
-    def __init__(self, where, param):
-        self.where, self.param = where, param
+    def __init__(self, where, param, policy):
+        self.where, self.param, self.policy = where, param, policy
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         u = urllib.parse.urlsplit(newurl)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise BadRequest(f"{self.where}: redirected to a non-http URL", param=self.param)
-        _public_host(u.hostname, self.where, self.param)
+        _public_host(u.hostname, self.where, self.param, self.policy)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def fetch(url: str, policy: MediaPolicy, where: str, param: str) -> bytes:
-    """GET a public http(s) URL: at most policy.max_bytes, REMOTE_TIMEOUT_S per read, only public addresses."""
+    """GET a public http(s) URL: at most policy.max_bytes, within policy.remote_timeout, only public addresses
+    (every redirect is checked again)."""
     if not policy.allow_remote:
         raise BadRequest(f"{where} is a remote URL, but this server only takes data: URLs (start it with "
                          f"--allowremotemedia to fetch http(s) images)", param=param)
     u = urllib.parse.urlsplit(url)
     if not u.hostname:
         raise BadRequest(f"{where} has no host", param=param)
-    _public_host(u.hostname, where, param)
-    opener = urllib.request.build_opener(_CheckRedirects(where, param))
+    _public_host(u.hostname, where, param, policy)
+    opener = urllib.request.build_opener(_CheckRedirects(where, param, policy))
+    deadline = time.monotonic() + policy.remote_timeout
     try:
         with opener.open(urllib.request.Request(url, headers={"User-Agent": "koboldcpp.py"}),
-                         timeout=REMOTE_TIMEOUT_S) as r:
-            data = r.read(policy.max_bytes + 1)
+                         timeout=policy.remote_timeout) as r:
+            n = r.headers.get("Content-Length")
+            if n and n.isdigit() and int(n) > policy.max_bytes:
+                raise BadRequest(f"{where} is {n} bytes, over the {policy.max_bytes} byte limit", param=param)
+            parts, got = [], 0
+            while got <= policy.max_bytes:  # a slow trickle must not hold the request past the deadline
+                if time.monotonic() > deadline:
+                    raise BadRequest(f"{where}: the download took longer than {policy.remote_timeout:g} s",
+                                     param=param)
+                b = r.read1(min(65536, policy.max_bytes + 1 - got))  # what has arrived, not a full buffer
+                if not b:
+                    break
+                parts.append(b)
+                got += len(b)
+            data = b"".join(parts)
     except BadRequest:
         raise
+    except TimeoutError:
+        raise BadRequest(f"{where}: the server did not answer within {policy.remote_timeout:g} s",
+                         param=param) from None
     except urllib.error.HTTPError as e:
         raise BadRequest(f"{where}: the server answered {e.code}", param=param) from None
     except (urllib.error.URLError, OSError, ValueError) as e:
