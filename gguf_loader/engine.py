@@ -533,7 +533,7 @@ class Engine:
             try:
                 if not self._step():
                     with self._lock:  # every job waits for the projector: sleep until it hands something over
-                        if not self._stop and not self._waiting:
+                        if not self._stop:
                             self._lock.wait(0.05)
             except Exception as e:  # a failed step ends the jobs in it, never the engine
                 import traceback
@@ -838,6 +838,8 @@ class Engine:
         s.cache += s.prompt[start:start + chunk.n_tokens]
         s.n_prompt_done = start + chunk.n_tokens
 
+    _EMBD_CACHE_BYTES = 64 * 1024 * 1024  # recent encodings kept for images whose KV cache was evicted
+
     def _encode_loop(self):
         """The projector's thread: encode media for waiting slots, in submission order."""
         while True:
@@ -848,18 +850,22 @@ class Engine:
             if job.aborted.is_set() or slot.job is not job:
                 continue
             t0 = time.monotonic()
-            try:
-                embd = self.projector.encode(chunk)
-            except Exception as e:
-                embd = e
+            embd = self._embd_cache.get(chunk.key)  # a neighbour slot may have just encoded the same image
+            if embd is None:
+                try:
+                    embd = self.projector.encode(chunk)
+                except Exception as e:
+                    embd = e
             dt = time.monotonic() - t0
             with self._lock:
                 if slot.job is job and i in slot.media:
                     slot.embd[i] = embd
                     slot.encode_time += dt
                 if not isinstance(embd, Exception):
+                    self._embd_cache.pop(chunk.key, None)
                     self._embd_cache[chunk.key] = embd
-                    while len(self._embd_cache) > 8:
+                    while len(self._embd_cache) > 8 or (len(self._embd_cache) > 1 and sum(
+                            e.nbytes for e in self._embd_cache.values()) > self._EMBD_CACHE_BYTES):
                         self._embd_cache.pop(next(iter(self._embd_cache)))
                 self._lock.notify_all()
 

@@ -210,3 +210,29 @@ def test_other_slot_keeps_streaming_while_an_image_is_encoded():
         assert len(during) >= 3, (len(during), rb.encode_time)
     finally:
         e.close()
+
+
+def test_audio_projector_end_to_end():
+    """A tiny Whisper-style qwen2a projector: input_audio parts and Kobold `audio`; images are then refused."""
+    from tests.tinymmproj import tiny_audio_mmproj, wav_bytes
+    from openai import OpenAI
+    s = ServerProcess(bundled_model_path(), "--mmproj", tiny_audio_mmproj(), "--contextsize", "2048", "--quiet")
+    try:
+        st, _, v = http("GET", s.url + "/api/extra/version")
+        assert v["audio"] is True and v["vision"] is False
+        client = OpenAI(base_url=s.url + "/v1", api_key="x")
+        msgs = [{"role": "user", "content": [{"type": "text", "text": "Transcribe this."}, {
+            "type": "input_audio", "input_audio": {"data": b64(wav_bytes(seed=3)), "format": "wav"}}]}]
+        r = client.chat.completions.create(model="x", messages=msgs, max_tokens=2)
+        assert r.usage.prompt_tokens > 750  # a clip is padded to a 30 s window: 750 audio tokens
+        r = client.chat.completions.create(model="x", messages=msgs, max_tokens=2)
+        assert r.usage.prompt_tokens_details.cached_tokens > 750
+        st, _, r = http("POST", s.url + "/api/v1/generate", {"prompt": "Transcribe.", "max_length": 2,
+                                                            "audio": [b64(wav_bytes(seed=4))]})
+        assert st == 200
+        st, _, perf = http("GET", s.url + "/api/extra/perf")
+        assert perf["last_media_tokens"] == 750
+        st, _, r = http("POST", s.url + "/api/v1/generate", {"prompt": "x", "images": [b64(png_bytes())]})
+        assert st == 400 and "no vision projector" in str(r)
+    finally:
+        s.stop()
