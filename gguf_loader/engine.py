@@ -177,6 +177,7 @@ class _Slot:
     def __init__(self, seq_id: int):
         self.seq = seq_id
         self.cache: List[int] = []  # tokens whose K/V sit in this sequence
+        self.pos_gap = 0  # M-RoPE: cache entries minus positions used (media take fewer positions than embeddings)
         self.shifted_at: Optional[int] = None  # cache entries from here on were moved by ContextShift
         self.job: Optional[Job] = None
         self.last_used = 0.0
@@ -268,6 +269,7 @@ class Engine:
                 raise
         self._encode_q: "queue.Queue" = queue.Queue()
         self._embd_cache: Dict[str, object] = {}  # media key -> embeddings, most recent last (a few)
+        self._pos_gaps: Dict[int, int] = {}  # M-RoPE: media ident -> embeddings minus positions it takes
 
         self.slots = [_Slot(i) for i in range(self.n_slots)]
         self._lock = threading.Condition()
@@ -573,6 +575,12 @@ class Engine:
                 job.finish(Result(text="", finish_reason="stop", stop_reason=-1, prompt_tokens=len(prompt),
                                   completion_tokens=0, error=str(e)))
 
+    def _gap(self, seq: List[int], k: int) -> int:
+        """M-RoPE: entries minus positions of the media chunks in seq[:k] (0 for every other model)."""
+        if not self._pos_gaps:
+            return 0
+        return sum(self._pos_gaps.get(_media_ident(t), 0) for t in seq[:k] if t < 0 and _media_index(t) == 0)
+
     @staticmethod
     def _common_prefix(a: List[int], b: List[int]) -> int:
         n = min(len(a), len(b))
@@ -598,6 +606,8 @@ class Engine:
                 for piece in next(pieces):
                     if isinstance(piece, MediaChunk):
                         chunks[piece.ident] = piece
+                        if piece.n_pos != piece.n_tokens and len(self._pos_gaps) < 100_000:
+                            self._pos_gaps[piece.ident] = piece.n_tokens - piece.n_pos
                         out += _pseudo(piece)
                     else:
                         out += piece
@@ -674,8 +684,8 @@ class Engine:
         # reprocesses from the first moved entry, so it gets exactly a cold run's text (README, "Reproducible").
         at_edge = len(slot.cache) + len(prompt) - keep + max_new > self.budget(req)[0]  # the client's context
         shifted = keep
-        if self.cfg.fastforward and self.cfg.contextshift and self.can_shift:
-            shifted = self._context_shift(slot, prompt, keep)
+        if self.cfg.fastforward and self.cfg.contextshift and self.can_shift and not slot.pos_gap:
+            shifted = self._context_shift(slot, prompt, keep)  # (M-RoPE media positions are not shifted)
         shifted = _snap(prompt, shifted)
         if shifted > keep:
             slot.shifted_at = keep if slot.shifted_at is None else min(keep, slot.shifted_at)
@@ -683,10 +693,12 @@ class Engine:
         elif slot.shifted_at is not None and keep > slot.shifted_at and not at_edge:
             keep = _snap(prompt, slot.shifted_at)
         if keep < len(slot.cache):
-            if not L.llama_memory_seq_rm(self.mem, slot.seq, keep, -1):
+            gap = self._gap(slot.cache, keep)
+            if not L.llama_memory_seq_rm(self.mem, slot.seq, keep - gap, -1):
                 L.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
-                keep = 0
+                keep, gap = 0, 0
             del slot.cache[keep:]
+            slot.pos_gap = gap
         if slot.shifted_at is not None and slot.shifted_at >= len(slot.cache):
             slot.shifted_at = None
         slot.n_prompt_done = keep
@@ -743,7 +755,7 @@ class Engine:
             s.sampler.accept(t)
         seq = s.prompt + kept
         keep = len(seq) - 1  # re-decode the last kept token to get the logits for position k
-        L.llama_memory_seq_rm(self.mem, s.seq, keep, -1)
+        L.llama_memory_seq_rm(self.mem, s.seq, keep - s.pos_gap, -1)  # every media chunk is before keep
         del s.cache[keep:]
         s.pending = seq[-1]
         return True
@@ -797,7 +809,7 @@ class Engine:
                 s.n_prompt_done += 1
             else:
                 continue
-            self._put(b, n, tok, len(s.cache), s.seq, True)
+            self._put(b, n, tok, len(s.cache) - s.pos_gap, s.seq, True)
             s.cache.append(tok)
             rows.append((s, n))
             n += 1
@@ -817,7 +829,7 @@ class Engine:
             if nxt:
                 end = min(nxt)
             for i, t in enumerate(s.prompt[start:end]):
-                self._put(b, i, t, len(s.cache), s.seq, False)
+                self._put(b, i, t, len(s.cache) - s.pos_gap, s.seq, False)
                 s.cache.append(t)
             s.n_prompt_done = end
             self._decode(end - start)
@@ -829,13 +841,14 @@ class Engine:
         if isinstance(embd, Exception):
             self._finish(s, "stop", -1, error=str(embd))
             return
-        rc = self.projector.decode(self.ctx, chunk, embd, len(s.cache), s.seq, self.n_batch)
+        rc = self.projector.decode(self.ctx, chunk, embd, len(s.cache) - s.pos_gap, s.seq, self.n_batch)
         if rc != 0:
             L.llama_memory_seq_rm(self.mem, s.seq, -1, -1)
-            s.cache = []
+            s.cache, s.pos_gap = [], 0
             self._finish(s, "stop", -1, error=f"llama.cpp failed to decode the {chunk.kind} ({rc})")
             return
         s.cache += s.prompt[start:start + chunk.n_tokens]
+        s.pos_gap += chunk.n_tokens - chunk.n_pos  # M-RoPE: the chunk took n_pos positions, as in llama.cpp
         s.n_prompt_done = start + chunk.n_tokens
 
     _EMBD_CACHE_BYTES = 64 * 1024 * 1024  # recent encodings kept for images whose KV cache was evicted
@@ -878,7 +891,7 @@ class Engine:
             if s.job:
                 # the cache no longer matches what we think: start these sequences over next time
                 L.llama_memory_seq_rm(self.mem, s.seq, -1, -1)
-                s.cache = []
+                s.cache, s.pos_gap = [], 0
                 self._finish(s, "stop", -1, error=f"llama_decode failed ({rc})")
         return False
 

@@ -177,6 +177,15 @@ def test_mismatched_projector_is_one_clear_line(tmp_path):
     p = subprocess.run([sys.executable, str(KOBOLDCPP), "--model", bundled_model_path(), "--mmproj", missing,
                         "--skiplauncher", "--port", "1"], capture_output=True, text=True, timeout=60)
     assert p.returncode != 0 and "--mmproj" in p.stderr and "not found" in p.stderr
+    p = subprocess.run([sys.executable, str(KOBOLDCPP), "--model", bundled_model_path(), "--mmproj",
+                        bundled_model_path(), "--skiplauncher", "--port", "1"], capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "is not a vision/audio projector" in p.stderr and "Traceback" not in p.stderr
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(open(tiny_mmproj(), "rb").read()[:5000])
+    p = subprocess.run([sys.executable, str(KOBOLDCPP), "--model", bundled_model_path(), "--mmproj", str(cut),
+                        "--skiplauncher", "--port", "1"], capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "truncated" in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
 def test_other_slot_keeps_streaming_while_an_image_is_encoded():
