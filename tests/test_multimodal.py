@@ -245,3 +245,39 @@ def test_audio_projector_end_to_end():
         assert st == 400 and "no vision projector" in str(r)
     finally:
         s.stop()
+
+
+def test_trimming_and_contextshift_never_cut_an_image():
+    """Engine level: a front trim that would land inside an image drops all of it; a chat that drops its oldest
+    turn keeps the image's cached KV through ContextShift (nothing re-encoded)."""
+    from adapters.media import MediaPolicy, image
+    from gguf_loader.engine import Engine, EngineConfig
+    from gguf_loader.jobs import MEDIA_MARKER, GenRequest, SamplingParams
+    n_img = 64  # tiny_mmproj() defaults: 128x128 -> 64 tokens
+    e = Engine(EngineConfig(bundled_model_path(), n_ctx=512, mmproj_path=tiny_mmproj(), quiet=True))
+    try:
+        greedy = SamplingParams(temperature=0, top_k=1)
+        m = image(png_bytes(seed=61), MediaPolicy(vision=True), "img", "images")
+
+        def run(prompt, ctx=None, n=2):
+            r = e.submit(GenRequest(prompt=prompt, media=[m] if MEDIA_MARKER in prompt else [], max_length=n,
+                                    max_context_length=ctx or 512, sampling=greedy)).wait(120)
+            assert r.error is None, r.error
+            return r
+
+        tail = " and the rest of the story goes on from here for a while" * 2
+        whole = run("Some words first. " + MEDIA_MARKER + tail)
+        assert whole.media_tokens == n_img
+        n_tail = whole.prompt_tokens - n_img - 10  # roughly the text after the image
+        # a context that leaves room for the tail and part of the image: the image goes, never half of it
+        cut = run("Some words first. " + MEDIA_MARKER + tail, ctx=n_tail + n_img // 2 + 2)
+        assert cut.media_tokens == 0 and 0 < cut.prompt_tokens < n_tail + n_img // 2
+
+        a = "An old turn that the client will drop later, with enough words to be worth shifting away. " * 2
+        b = " What do you see in this picture? Tell me everything about its colours and shapes please. " * 2
+        first = run(a + MEDIA_MARKER + b)
+        second = run(MEDIA_MARKER + b + " And now a new question.")
+        assert second.cached_media_tokens == n_img and second.encode_time == 0, second
+        assert second.cached_tokens >= n_img + 30, (first, second)
+    finally:
+        e.close()
