@@ -97,6 +97,8 @@ def image(raw: bytes, policy: MediaPolicy, where: str, param: str) -> Media:
                 raise BadRequest(f"{where} is {im.width}x{im.height} pixels, over the {MAX_PIXELS} pixel limit",
                                  param=param)
             im.seek(0)  # GIF/WebP animations: the first frame
+            if policy.max_res > 0 and im.format == "JPEG":
+                im.draft("RGB", (policy.max_res, policy.max_res))  # decode big JPEGs at 1/2..1/8 scale
             rgb = im.convert("RGB")
     except BadRequest:
         raise
