@@ -198,6 +198,7 @@ class _Slot:
         self.cached = 0
         self.media: Dict[int, MediaChunk] = {}  # prompt index -> the media chunk starting there
         self.embd: Dict[int, object] = {}  # prompt index -> encoded embeddings (numpy), or an Exception
+        self.cur_media = None  # (start, chunk, embeddings) of a causal media chunk decoded n_batch at a time
         self.encode_time = 0.0
         self.bans: Dict[int, set] = {}  # generated position -> tokens banned there (phrase bans)
         self.backtracks = 0
@@ -213,7 +214,7 @@ class _Slot:
         if not self.prefilling:
             return False
         i = self.n_prompt_done
-        return i not in self.media or i in self.embd
+        return self.cur_media is not None or i not in self.media or i in self.embd
 
 
 class Engine:
@@ -270,6 +271,7 @@ class Engine:
         self._encode_q: "queue.Queue" = queue.Queue()
         self._embd_cache: Dict[str, object] = {}  # media key -> embeddings, most recent last (a few)
         self._pos_gaps: Dict[int, int] = {}  # M-RoPE: media ident -> embeddings minus positions it takes
+        self._embd_batch = None  # llama_batch of embeddings for causal media pieces (made on first use)
 
         self.slots = [_Slot(i) for i in range(self.n_slots)]
         self._lock = threading.Condition()
@@ -425,6 +427,8 @@ class Engine:
             s.media, s.embd = {}, {}
         if self.projector:
             self.projector.close()
+        if self._embd_batch is not None:
+            L.llama_batch_free(self._embd_batch)
         for s in self.slots:
             if s.sampler:
                 s.sampler.close()
@@ -821,8 +825,8 @@ class Engine:
         if waiting:
             s = min(waiting, key=lambda x: x.job.submitted)
             start = s.n_prompt_done
-            if start in s.media:
-                self._decode_media(s, start)
+            if s.cur_media is not None or start in s.media:
+                self._decode_media(s)
                 return True
             end = min(len(s.prompt) - 1, (start // self.n_batch + 1) * self.n_batch)
             nxt = [i for i in s.media if start < i < end]
@@ -835,11 +839,20 @@ class Engine:
             self._decode(end - start)
         return bool(n or waiting)
 
-    def _decode_media(self, s: _Slot, start: int):
-        """Decode a media chunk's encoded embeddings into the slot's own sequence."""
-        chunk, embd = s.media.pop(start), s.embd.pop(start)
-        if isinstance(embd, Exception):
-            self._finish(s, "stop", -1, error=str(embd))
+    def _decode_media(self, s: _Slot):
+        """Decode a media chunk's encoded embeddings into the slot's own sequence. Causal chunks go n_batch
+        embeddings per step, so neighbours keep generating between the pieces; non-causal (the whole chunk must
+        see itself) and M-RoPE chunks go at once through llama.cpp's helper."""
+        if s.cur_media is None:
+            start = s.n_prompt_done
+            chunk, embd = s.media.pop(start), s.embd.pop(start)
+            if isinstance(embd, Exception):
+                self._finish(s, "stop", -1, error=str(embd))
+                return
+            if chunk.n_tokens > self.n_batch and not self.projector.mrope and not self.projector.non_causal(chunk):
+                s.cur_media = (start, chunk, embd)
+        if s.cur_media is not None:
+            self._decode_media_piece(s)
             return
         rc = self.projector.decode(self.ctx, chunk, embd, len(s.cache) - s.pos_gap, s.seq, self.n_batch)
         if rc != 0:
@@ -850,6 +863,34 @@ class Engine:
         s.cache += s.prompt[start:start + chunk.n_tokens]
         s.pos_gap += chunk.n_tokens - chunk.n_pos  # M-RoPE: the chunk took n_pos positions, as in llama.cpp
         s.n_prompt_done = start + chunk.n_tokens
+
+    def _decode_media_piece(self, s: _Slot):
+        start, chunk, embd = s.cur_media
+        off = s.n_prompt_done - start
+        n = min(self.n_batch, chunk.n_tokens - off)
+        d = self.projector.n_embd
+        if self._embd_batch is None:
+            self._embd_batch = L.llama_batch_init(self.n_batch, d, 1)
+        b = self._embd_batch
+        part = np.ascontiguousarray(embd[off * d:(off + n) * d], dtype=np.float32)
+        ctypes.memmove(b.embd, part.ctypes.data, part.nbytes)
+        pos0 = len(s.cache) - s.pos_gap
+        for i in range(n):
+            b.pos[i] = pos0 + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = s.seq
+            b.logits[i] = 0
+        b.n_tokens = n
+        rc = L.llama_decode(self.ctx, b)
+        if rc != 0:
+            L.llama_memory_seq_rm(self.mem, s.seq, -1, -1)
+            s.cache, s.pos_gap = [], 0
+            self._finish(s, "stop", -1, error=f"llama.cpp failed to decode the {chunk.kind} ({rc})")
+            return
+        s.cache += s.prompt[start + off:start + off + n]
+        s.n_prompt_done += n
+        if off + n == chunk.n_tokens:
+            s.cur_media = None
 
     _EMBD_CACHE_BYTES = 64 * 1024 * 1024  # recent encodings kept for images whose KV cache was evicted
 
