@@ -281,3 +281,40 @@ def test_trimming_and_contextshift_never_cut_an_image():
         assert second.cached_tokens >= n_img + 30, (first, second)
     finally:
         e.close()
+
+
+def test_causal_media_decoded_in_pieces_between_neighbour_tokens():
+    """Engine level, audio (causal, 750 embeddings): with --batchsize 256 the clip goes in 3 pieces with a
+    neighbour's tokens in between, and gives the same text as decoding it in one piece (batch 1024)."""
+    from adapters.media import MediaPolicy, audio
+    from gguf_loader.engine import Engine, EngineConfig
+    from gguf_loader.jobs import MEDIA_MARKER, GenRequest, SamplingParams
+    from tests.tinymmproj import tiny_audio_mmproj, wav_bytes
+    greedy = SamplingParams(temperature=0, top_k=1)
+    clip = audio(wav_bytes(seed=71), MediaPolicy(audio=True), "a", "audio")
+    texts = {}
+    for nb in (1024, 256):
+        e = Engine(EngineConfig(bundled_model_path(), n_ctx=1024, n_batch=nb, n_slots=2,
+                                mmproj_path=tiny_audio_mmproj(), quiet=True))
+        try:
+            a = e.submit(GenRequest(prompt="Once upon a time", max_length=300, sampling=greedy, bypass_eos=True))
+            it = a.stream(poll=0.05)
+            while next(it).kind != "text":
+                pass
+            b = e.submit(GenRequest(prompt=f"{MEDIA_MARKER}Transcribe.", max_length=4, media=[clip],
+                                    sampling=greedy))
+            t0, stamps = time.monotonic(), []
+            while not b.finished.is_set():
+                ev = next(it)
+                if ev.kind == "text":
+                    stamps.append(time.monotonic())
+            a.abort()
+            r = b.result
+            assert r.error is None and r.media_tokens == 750, r
+            texts[nb] = r.text
+            if nb == 256:  # A's tokens arrived between the pieces, while B's audio was being decoded
+                during = [t for t in stamps if t0 + r.encode_time < t < t0 + r.process_time]
+                assert len(during) >= 2, (len(during), r.encode_time, r.process_time)
+        finally:
+            e.close()
+    assert texts[256] == texts[1024]
