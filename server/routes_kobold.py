@@ -126,7 +126,8 @@ def version(h):
     s = h.state
     h.send_json(200, {
         "result": "KoboldCpp", "version": s.api_version, "protected": bool(s.password), "llm": True,
-        "txt2img": False, "vision": False, "audio": False, "transcribe": False, "multiplayer": False,
+        "txt2img": False, "vision": bool(getattr(s.engine, "vision", False)),
+        "audio": bool(getattr(s.engine, "audio", False)), "transcribe": False, "multiplayer": False,
         "websearch": False, "tts": False, "embeddings": True, "savedata": False, "admin": 0, "guidance": False,
         "jinja": bool(s.chat.use_jinja),
     })
