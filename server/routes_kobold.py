@@ -129,6 +129,14 @@ def version(h):
     })
 
 
+def perf(h):
+    out = kobold.perf_response(h.state.engine.perf(), h.state.quiet)
+    horde = h.server.extras.get("horde")
+    if horde is not None:  # the AI Horde worker's jobs, tokens and kudos (--hordekey)
+        out["horde"] = horde.stats()
+    h.send_json(200, out)
+
+
 def tokencount(h):
     try:
         body = h.json()
@@ -174,8 +182,7 @@ def register(t):
     t.add("GET", "/api/v1/config/soft_prompt", lambda h: h.send_json(200, {"value": ""}))
     t.add("GET", "/api/v1/config/soft_prompts_list", lambda h: h.send_json(200, {"values": []}))
     t.add("GET", "/api/extra/version", version)
-    t.add("GET", "/api/extra/perf", lambda h: h.send_json(200, kobold.perf_response(h.state.engine.perf(),
-                                                                                    h.state.quiet)))
+    t.add("GET", "/api/extra/perf", perf)
     t.add("POST", ["/api/extra/tokencount", "/api/extra/tokenize"], tokencount, auth=True)
     t.add("POST", "/api/extra/detokenize", detokenize, auth=True)
     t.add("POST", "/api/extra/json_to_grammar", json_to_grammar, auth=True)
