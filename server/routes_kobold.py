@@ -1,7 +1,7 @@
 """KoboldCpp's native API: generate (blocking and SSE), check/abort by genkey, tokenizer, info routes."""
 from __future__ import annotations
 
-from adapters import kobold
+from adapters import kobold, sse
 from adapters.errors import BadRequest
 from adapters.run import check
 
@@ -33,7 +33,9 @@ def generate(h):
 
 def generate_stream(h):
     runner = h.runner()
-    h.pump(kobold.stream(runner, runner.submit(_parse_gen(h))))
+    # return_progress: `event: progress` lines ({"prompt_progress": ...}) while the prompt is processed
+    h.pump(kobold.stream(runner, runner.submit(_parse_gen(h))),
+           progress=lambda p: sse.progress_event(p, name="progress"))
 
 
 def _job_for_key(engine, genkey: str):
