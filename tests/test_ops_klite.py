@@ -10,7 +10,8 @@ from tests.test_klite import DESKTOP, Watch, browser, set_settings, tid, wait_co
 @pytest.fixture(scope="module")
 def slow_prompt_server():
     # small prompt chunks and no prompt reuse, so a 700-token story takes a few seconds to process
-    with ServerProcess(bundled_model_path(), "--contextsize", "1024", "--batchsize", "32", "--nofastforward") as s:
+    with ServerProcess(bundled_model_path(), "--contextsize", "1024", "--batchsize", "32", "--nofastforward",
+                       "--threads", "1") as s:
         yield s
 
 
