@@ -28,6 +28,15 @@ DESCRIPTIONS = {
     "/api/extra/preloadstory": ("KoboldCpp", "Story preloaded with --preloadstory"),
     "/api/extra/embeddings": ("KoboldCpp", "Embeddings (same as /v1/embeddings)"),
     "/ping": ("Server", "Health check"),
+    "/health": ("Server", "Health for load balancers: 503 {status: loading, progress} while the model loads, then "
+                          "200 {status: ok, slots_idle, slots_processing}; ?fail_on_no_slot=1 gives 503 when no "
+                          "slot is idle"),
+    "/slots": ("Server", "Each slot (llama-server shape): id, is_processing, n_cached, prompt_progress, next_token; "
+                         "?fail_on_no_slot=1 gives 503 when none is idle"),
+    "/props": ("Server", "Server properties (llama-server shape): default_generation_settings, total_slots, "
+                         "chat_template, modalities, build_info"),
+    "/metrics": ("Server", "Prometheus text format: requests by route and status, tokens, speeds, queue depth, "
+                           "busy slots, KV cells used, model load time, AI Horde jobs"),
     "/": ("Server", "Kobold Lite web page"),
     "/klite": ("Server", "Kobold Lite web page"),
     "/api": ("Server", "This API documentation as a web page"),
@@ -155,6 +164,20 @@ SCHEMAS = {
     "Detokenized": _obj({"result": _STR, "success": _BOOL}, ["result", "success"]),
     "Grammar": _obj({"result": _STR, "success": _BOOL, "error": _STR}, ["result", "success"]),
     "Health": _obj({"status": _STR}, ["status"]),
+    "HealthDetail": _obj({"status": {"enum": ["ok", "loading"]}, "slots_idle": _NN_INT,
+                          "slots_processing": _NN_INT, "progress": _NUM}, ["status"]),
+    "Unavailable": _obj({"error": _obj({"code": _INT, "message": _STR, "type": _STR}, ["message"]),
+                         "status": _STR, "progress": _NUM}, ["error"]),
+    "Slots": _arr(_obj({"id": _NN_INT, "id_task": _INT, "n_ctx": _NN_INT, "is_processing": _BOOL,
+                        "n_cached": _NN_INT,
+                        "prompt_progress": {"anyOf": [{"type": "null"}, _obj({
+                            "total": _NN_INT, "cache": _NN_INT, "processed": _NN_INT, "time_ms": _NUM})]},
+                        "next_token": _obj({"has_next_token": _BOOL, "n_remain": _INT, "n_decoded": _NN_INT})},
+                       ["id", "is_processing"])),
+    "Props": _obj({"default_generation_settings": _obj({"n_ctx": _NN_INT, "params": {"type": "object"}}),
+                   "total_slots": _NN_INT, "chat_template": _STR, "model_path": _STR,
+                   "modalities": _obj({"vision": _BOOL, "audio": _BOOL}), "build_info": _STR},
+                  ["default_generation_settings", "total_slots", "chat_template", "modalities"]),
     "OpenAPIDocument": _obj({"openapi": _STR, "info": {"type": "object"}, "paths": {"type": "object"}},
                             ["openapi", "info", "paths"]),
     # OpenAI
@@ -438,6 +461,10 @@ REPLIES = {
     "/api/extra/preloadstory": {_JSON: {"type": "object", "description": "the story JSON, or {} when none"}},
     "/api/extra/embeddings": {_JSON: _ref("Embeddings")},
     "/ping": {_JSON: _ref("Health")},
+    "/health": {_JSON: _ref("HealthDetail")},
+    "/slots": {_JSON: _ref("Slots")},
+    "/props": {_JSON: _ref("Props")},
+    "/metrics": {"text/plain": {"type": "string", "description": "Prometheus text exposition format 0.0.4"}},
     "/": _HTML, "/klite": _HTML, "/api": _HTML,
     "/api/openapi.json": {_JSON: _ref("OpenAPIDocument")},
     "/v1/chat/completions": _CHAT_REPLY, "/chat/completions": _CHAT_REPLY,
@@ -466,7 +493,8 @@ _ERROR_SCHEMA = {"openai": "OpenAIError", "ollama": "OllamaError", "kobold": "Ko
 _ERROR_TEXT = {400: "invalid body or parameter", 401: "missing or wrong API key (--password)",
                404: "no such route", 405: "method not allowed on this path (the Allow header lists the right ones)",
                413: "body larger than --maxrequestsize", 501: "not configured", 502: "the upstream server failed",
-               503: "the request queue is full; retry later"}
+               503: "the request queue is full, or (/health, /slots with fail_on_no_slot) no slot is idle; retry "
+                    "later"}
 
 
 def _error(status: int, dialect: str) -> dict:
@@ -509,12 +537,15 @@ def build(routes: Iterable[Tuple[str, str, bool, str]], version: str, title: str
         if auth:
             op["security"] = [{"bearer": []}]
             codes.append(401)
-        if path in _GENERATING:
+        if path in _GENERATING or path in ("/health", "/slots"):
             codes.append(503)
         if "images/generations" in path:
             codes += [501, 502]
         for c in sorted(codes):
             op["responses"][str(c)] = _error(c, dialect)
+        if path in ("/health", "/slots"):  # llama-server's unavailable shape, not the dialect's error
+            op["responses"]["503"] = {"description": "loading, or no idle slot with fail_on_no_slot",
+                                      "content": {_JSON: {"schema": _ref("Unavailable")}}}
         paths.setdefault(path, {})[method.lower()] = op
     return copy.deepcopy({"openapi": "3.1.0",
             "info": {"title": title, "version": version,

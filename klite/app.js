@@ -455,13 +455,15 @@
       sampler_order: settings.sampler_order,
       stop_sequence: stop,
       trim_stop: true,
+      return_progress: true,
     };
     if (images && images.length) body.images = images.map((u) => u.slice(u.indexOf(",") + 1));
     return body;
   }
 
   // Reads Kobold SSE: "event: message\ndata: {token, finish_reason}\n\n" until the server closes the socket.
-  async function streamInto(body, signal, onToken) {
+  // With return_progress the server also sends "event: progress" frames ({prompt_progress}) while the prompt is processed.
+  async function streamInto(body, signal, onToken, onProgress) {
     let res;
     try {
       res = await fetch("/api/extra/generate/stream", { method: "POST", headers: headers(true), body: JSON.stringify(body), signal });
@@ -484,6 +486,7 @@
       let obj;
       try { obj = JSON.parse(data); } catch (e) { throw new ApiError(0, "The server sent a broken stream event."); }
       if (obj.error) throw new ApiError(0, "Generation failed: " + (obj.error.message || obj.error.msg || JSON.stringify(obj.error)));
+      if (obj.prompt_progress) { if (onProgress) onProgress(obj.prompt_progress); return; }
       if (typeof obj.token === "string" && obj.token) onToken(obj.token);
       if (obj.finish_reason) finish = obj.finish_reason;
     };
@@ -541,7 +544,9 @@
       const fit = await fitPrompt(p);
       showContextUse(fit.used, fit.dropped);
       if (gen.stopping) throw Object.assign(new Error("stopped"), { name: "AbortError" });
+      let started = false;
       const finish = await streamInto(payload(fit.prompt, p.memory, p.stop, genkey, server.vision ? p.images : []), gen.ctrl.signal, (tok) => {
+        if (!started) { started = true; setStatus("Generating…"); }
         raw += tok;
         let shown = raw;
         if (isChat && prevLen === 0) shown = shown.replace(/^\s+/, "");
@@ -549,6 +554,11 @@
         if (node && node.classList.contains("msg")) fillTurn(node, turns[idx].text, turns[idx].role);
         else if (node) node.textContent = turns[idx].text;
         stickToBottom();
+      }, (pp) => {
+        if (started) return;
+        const todo = Math.max(1, pp.total - pp.cache);
+        const pct = Math.min(100, Math.round((100 * (pp.processed - pp.cache)) / todo));
+        setStatus(`Processing prompt: ${pp.processed}/${pp.total} tokens (${pct}%)…`);
       });
       finishText(idx, prevLen);
       setStatus(gen.stopping ? "Stopped." : finishMessage(finish));

@@ -7,8 +7,9 @@ from typing import Optional
 from adapters import kobold
 from adapters.chat import Context
 
-from . import routes_kobold, routes_ollama, routes_openai, routes_static
+from . import routes_kobold, routes_ollama, routes_openai, routes_ops, routes_static
 from .http import RouteTable, Server, Server6
+from .ops import RequestMetrics
 
 KOBOLD_API_VERSION = "1.104"  # the KoboldCpp API level we report; Lite and SillyTavern gate features on it
 
@@ -30,7 +31,7 @@ class ServerState:
 
 def build_routes() -> RouteTable:
     table = RouteTable()
-    for group in (routes_kobold, routes_openai, routes_ollama, routes_static):
+    for group in (routes_kobold, routes_openai, routes_ollama, routes_ops, routes_static):
         group.register(table)
     return table
 
@@ -38,4 +39,6 @@ def build_routes() -> RouteTable:
 def build_server(host: str, port: int, state: Optional[ServerState] = None) -> Server:
     """Binds the port now (so a port in use is reported before a model loads); the state may come later."""
     cls = Server6 if ":" in host else Server
-    return cls((host, port), state, build_routes())
+    srv = cls((host, port), state, build_routes())
+    srv.metrics = RequestMetrics()
+    return srv

@@ -1,13 +1,16 @@
 """The OpenAI-compatible API under /v1 (and KoboldCpp's aliases of it)."""
 from __future__ import annotations
 
-from adapters import openai as oa
+from adapters import openai as oa, sse
 
 
 def _run(h, plan):
     runner = h.runner()
     if plan.stream:
-        h.pump(oa.start_stream(plan, runner))
+        # return_progress: llama-server's prompt_progress chunks (no choices) while the prompt is processed
+        env = {"id": plan.id, "object": "chat.completion.chunk" if plan.kind == "chat" else "text_completion",
+               "created": plan.created, "model": plan.model}
+        h.pump(oa.start_stream(plan, runner), progress=lambda p: sse.progress_event(p, env))
     else:
         h.send_json(200, oa.run_blocking(plan, runner))
 
