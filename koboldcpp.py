@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instruct template for chat: a preset name, a JSON file, or AutoGuess (default Alpaca)")
     p.add_argument("--jinja", action="store_true", help="render chat with the model's own jinja chat template")
     p.add_argument("--embeddingsmodel", default=None, help="separate GGUF model for /v1/embeddings")
+    p.add_argument("--rerankmodel", default=None, metavar="FILE",
+                   help="reranker GGUF (e.g. bge-reranker, Qwen3-Reranker) for /v1/rerank, loaded with rank pooling")
     p.add_argument("--sdurl", default=None, help="Automatic1111 server for /v1/images/generations (or SD_WEBUI_URL)")
     p.add_argument("--maxrequestsize", type=_int_range(1, 1024, "--maxrequestsize"), default=32, help="request body limit in MB")
     p.add_argument("--preloadstory", default=None, help="story JSON served at /api/extra/preloadstory")
@@ -289,6 +291,11 @@ def serve(args: argparse.Namespace) -> int:
                 gguf_loader.inspect(args.embeddingsmodel)
             except gguf_loader.GGUFError as e:
                 raise gguf_loader.GGUFError(f"--embeddingsmodel: {e}")
+        if args.rerankmodel:
+            try:
+                gguf_loader.inspect(args.rerankmodel)
+            except gguf_loader.GGUFError as e:
+                raise gguf_loader.GGUFError(f"--rerankmodel: {e}")
         preload = read_json_file(args.preloadstory, "--preloadstory file") if args.preloadstory else None
     except (gguf_loader.GGUFError, ArgError) as e:
         return _err(str(e))
@@ -314,7 +321,7 @@ def serve(args: argparse.Namespace) -> int:
                        n_gpu_layers=args.gpulayers, flash_attn=args.flashattention, use_mmap=args.usemmap,
                        use_mlock=args.usemlock, n_slots=args.parallelrequests, max_queue=max_queue,
                        fastforward=not args.nofastforward, contextshift=not args.noshift, quiet=args.quiet,
-                       embedding_model_path=args.embeddingsmodel)
+                       embedding_model_path=args.embeddingsmodel, rerank_model_path=args.rerankmodel)
     print(f"Loading {model_path} ...", flush=True)
     try:
         engine = Engine(cfg)
@@ -325,6 +332,13 @@ def serve(args: argparse.Namespace) -> int:
         httpd.server_close()
         return _err(str(e) if isinstance(e, ModelLoadError) else f"could not load {model_path}: {type(e).__name__}: {e}")
 
+    if args.rerankmodel:
+        try:
+            engine.load_reranker()
+        except ModelLoadError as e:
+            httpd.server_close()
+            engine.close()
+            return _err(f"--rerankmodel: {e}")
     model_name = friendly_model_name(args, model_path)
     try:
         chat = _chat_context(args, engine, model_name)

@@ -56,6 +56,16 @@ DESCRIPTIONS = {
     "/api/version": ("Ollama", "Ollama API version"),
     "/api/generate": ("Ollama", "Generate (prompt, system, options); NDJSON stream unless stream is false"),
     "/api/chat": ("Ollama", "Chat (messages, options, tools); NDJSON stream unless stream is false"),
+    "/api/show": ("Ollama", "Model info, template, parameters and capabilities of the loaded model"),
+    "/api/embed": ("Ollama", "Embeddings of a string or strings (L2-normalised)"),
+    "/api/embeddings": ("Ollama (legacy)", "Embedding of one prompt"),
+    "/infill": ("Fill-in-the-middle", "llama-server's infill: input_prefix, input_suffix, input_extra around the "
+                                      "model's FIM tokens; 400 for a model without them; SSE with stream: true"),
+    "/v1/rerank": ("Reranking", "Score documents against a query with --rerankmodel (Jina/Cohere shape); 501 "
+                                "without a reranker"),
+    "/rerank": ("Reranking", "Alias of /v1/rerank"),
+    "/v1/reranking": ("Reranking", "Alias of /v1/rerank"),
+    "/reranking": ("Reranking", "Alias of /v1/rerank"),
 }
 
 # ---------------------------------------------------------------- schema helpers
@@ -206,6 +216,26 @@ SCHEMAS = {
         "name": _STR, "model": _STR, "modified_at": _STR, "size": _NN_INT, "digest": _STR,
         "details": {"type": "object"}}, ["name", "model", "modified_at", "size", "digest"]))}, ["models"]),
     "OllamaVersion": _obj({"version": _STR}, ["version"]),
+    "OllamaShow": _obj({"license": _STR, "modelfile": _STR, "parameters": _STR, "template": _STR,
+                        "details": {"type": "object"}, "model_info": {"type": "object"},
+                        "capabilities": _arr({"enum": ["completion", "tools", "insert", "vision", "embedding",
+                                                       "thinking"]}), "modified_at": _STR},
+                       ["modelfile", "parameters", "template", "details", "model_info", "capabilities"]),
+    "OllamaPs": _obj({"models": _arr(_obj({
+        "name": _STR, "model": _STR, "size": _NN_INT, "size_vram": _NN_INT, "digest": _STR, "expires_at": _STR,
+        "context_length": _NN_INT, "details": {"type": "object"}}, ["name", "model", "size", "size_vram"]))},
+        ["models"]),
+    "OllamaEmbed": _obj({"model": _STR, "embeddings": _arr(_arr(_NUM)), "total_duration": _NN_INT,
+                         "load_duration": _NN_INT, "prompt_eval_count": _NN_INT}, ["model", "embeddings"]),
+    "OllamaEmbedding": _obj({"embedding": _arr(_NUM)}, ["embedding"]),
+    "Infill": _obj({"content": _STR, "stop": _BOOL, "model": _STR, "tokens_predicted": _NN_INT,
+                    "tokens_evaluated": _NN_INT, "tokens_cached": _NN_INT, "truncated": _BOOL,
+                    "stop_type": {"enum": ["eos", "limit", "word"]}, "stopping_word": _STR,
+                    "timings": {"type": "object"}}, ["content", "stop"]),
+    "Rerank": _obj({"id": _STR, "object": {"const": "list"}, "model": _STR, "results": _arr(_obj({
+        "index": _NN_INT, "relevance_score": _NUM, "document": _obj({"text": _STR}, ["text"])},
+        ["index", "relevance_score"])), "usage": _obj({"prompt_tokens": _NN_INT, "total_tokens": _NN_INT})},
+        ["results"]),
 }
 _OLLAMA_FINAL = {"model": _STR, "created_at": _STR, "done": _BOOL, "done_reason": _STR,
                  "total_duration": _NN_INT, "load_duration": _NN_INT, "prompt_eval_count": _NN_INT,
@@ -324,7 +354,34 @@ _OLLAMA_CHAT_BODY = _obj({"messages": _arr(_obj({
                             ["function"]))}, ["role", "content"]), minItems=1),
     "tools": _arr(_TOOL), **_OLLAMA_COMMON}, ["messages"])
 
+_OLLAMA_MODEL = {"model": _STR, "name": {"type": "string", "description": "older name of 'model'"}}
+_OLLAMA_SHOW_BODY = _obj({**_OLLAMA_MODEL, "verbose": _BOOL})
+_OLLAMA_EMBED_BODY = _obj({**_OLLAMA_MODEL, "input": {"anyOf": [_STR, _arr(_STR, maxItems=2048)]},
+                           "truncate": {"type": "boolean", "description": "cut inputs longer than the context "
+                                                                          "(default true)"},
+                           "dimensions": {"type": "integer", "minimum": 1}, "options": {"type": "object"},
+                           "keep_alive": {"type": ["string", "number"]}})
+_OLLAMA_EMBEDDINGS_BODY = _obj({**_OLLAMA_MODEL, "prompt": _STR, "options": {"type": "object"},
+                                "keep_alive": {"type": ["string", "number"]}})
+_INFILL_BODY = _obj({
+    "input_prefix": _STR, "input_suffix": _STR,
+    "input_extra": _arr(_obj({"filename": _STR, "text": _STR}, ["text"]), maxItems=256),
+    "prompt": {"type": "string", "description": "the start of the middle, continued by the model"},
+    "n_predict": {"type": "integer", "description": "tokens to generate; unset or -1: the server's default"},
+    "stop": _STOP, "stream": _BOOL, "temperature": {"type": "number", "minimum": 0}, "top_k": _INT,
+    "top_p": _UNIT, "min_p": _UNIT, "seed": _INT},
+    description="Every native KoboldCpp sampler field is accepted too.")
+_RERANK_BODY = _obj({
+    "model": _STR, "query": {"type": "string", "minLength": 1},
+    "documents": _arr({"anyOf": [_STR, _obj({"text": _STR}, ["text"])]}, minItems=1, maxItems=1024),
+    "top_n": {"type": "integer", "minimum": 1}, "return_documents": _BOOL}, ["query", "documents"])
+
 BODIES = {
+    "/api/show": _OLLAMA_SHOW_BODY,
+    "/api/embed": _OLLAMA_EMBED_BODY,
+    "/api/embeddings": _OLLAMA_EMBEDDINGS_BODY,
+    "/infill": _INFILL_BODY,
+    "/v1/rerank": _RERANK_BODY,
     "/v1/chat/completions": _CHAT_BODY,
     "/v1/completions": _COMPLETION_BODY,
     "/v1/embeddings": _EMBEDDINGS_BODY,
@@ -350,6 +407,8 @@ BODIES["/v1/engines/{engine}/embeddings"] = BODIES["/api/extra/embeddings"] = BO
 BODIES["/api/extra/generate/stream"] = BODIES["/api/v1/generate"]
 BODIES["/api/extra/tokenize"] = BODIES["/api/extra/tokencount"]
 BODIES["/images/generations"] = BODIES["/v1/images/generations"]
+for _p in ("/rerank", "/v1/reranking", "/reranking"):
+    BODIES[_p] = BODIES["/v1/rerank"]
 
 # ---------------------------------------------------------------- 200 replies: path -> {media type: schema}
 
@@ -440,7 +499,13 @@ REPLIES = {
     "/v1/edits": {_JSON: _ref("Edit")},
     "/v1/moderations": {_JSON: _ref("Moderation")},
     "/v1/images/generations": {_JSON: _ref("Images")}, "/images/generations": {_JSON: _ref("Images")},
-    "/api/tags": {_JSON: _ref("OllamaTags")}, "/api/ps": {_JSON: _ref("OllamaTags")},
+    "/api/tags": {_JSON: _ref("OllamaTags")}, "/api/ps": {_JSON: _ref("OllamaPs")},
+    "/api/show": {_JSON: _ref("OllamaShow")}, "/api/embed": {_JSON: _ref("OllamaEmbed")},
+    "/api/embeddings": {_JSON: _ref("OllamaEmbedding")},
+    "/infill": {_JSON: _ref("Infill"), "text/event-stream": _sse(
+        _obj({"content": _STR, "stop": _BOOL}, ["content", "stop"]),
+        "with stream: true; the last event has stop: true")},
+    **{p: {_JSON: _ref("Rerank")} for p in ("/v1/rerank", "/rerank", "/v1/reranking", "/reranking")},
     "/api/version": {_JSON: _ref("OllamaVersion")},
     "/api/generate": {_JSON: dict(_ref("OllamaGenerate"), description="with stream: false"),
                       "application/x-ndjson": _NDJSON},
@@ -451,7 +516,8 @@ REPLIES = {
 # routes that queue a generation: 503 when the queue is full
 _GENERATING = {"/api/v1/generate", "/api/extra/generate/stream", "/v1/chat/completions", "/chat/completions",
                "/v1/completions", "/v1/completion", "/completions", "/v1/engines/{engine}/generate",
-               "/v1/engines/{engine}/completions", "/v1/edits", "/api/generate", "/api/chat"}
+               "/v1/engines/{engine}/completions", "/v1/edits", "/api/generate", "/api/chat", "/infill"}
+_NEEDS_MODEL = {"/v1/rerank", "/rerank", "/v1/reranking", "/reranking"}  # 501 without --rerankmodel
 _ERROR_SCHEMA = {"openai": "OpenAIError", "ollama": "OllamaError", "kobold": "KoboldError"}
 _ERROR_TEXT = {400: "invalid body or parameter", 401: "missing or wrong API key (--password)",
                404: "no such route", 405: "method not allowed on this path (the Allow header lists the right ones)",
@@ -503,12 +569,15 @@ def build(routes: Iterable[Tuple[str, str, bool, str]], version: str, title: str
             codes.append(503)
         if "images/generations" in path:
             codes += [501, 502]
+        if path in _NEEDS_MODEL:
+            codes.append(501)
         for c in sorted(codes):
             op["responses"][str(c)] = _error(c, dialect)
         paths.setdefault(path, {})[method.lower()] = op
     return copy.deepcopy({"openapi": "3.1.0",
             "info": {"title": title, "version": version,
-                     "description": "KoboldCpp native API, an OpenAI-compatible API under /v1 and Ollama routes."},
+                     "description": "KoboldCpp native API, an OpenAI-compatible API under /v1, Ollama routes, "
+                                    "fill-in-the-middle and reranking."},
             "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
                            "schemas": SCHEMAS, "responses": _error_responses()},
             "paths": paths})  # callers get no references into the module's tables
