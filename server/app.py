@@ -7,7 +7,7 @@ from typing import Optional
 from adapters import kobold
 from adapters.chat import Context
 
-from . import routes_extra, routes_kobold, routes_ollama, routes_openai, routes_static
+from . import routes_anthropic, routes_extra, routes_kobold, routes_ollama, routes_openai, routes_static
 from .http import RouteTable, Server, Server6
 
 KOBOLD_API_VERSION = "1.104"  # the KoboldCpp API level we report; Lite and SillyTavern gate features on it
@@ -30,7 +30,7 @@ class ServerState:
 
 def build_routes() -> RouteTable:
     table = RouteTable()
-    for group in (routes_kobold, routes_openai, routes_ollama, routes_extra, routes_static):
+    for group in (routes_kobold, routes_openai, routes_ollama, routes_anthropic, routes_extra, routes_static):
         group.register(table)
     return table
 
