@@ -37,6 +37,7 @@ class Outcome:
     content: str = ""
     reasoning: str = ""
     calls: List[Call] = field(default_factory=list)
+    reasoning_tokens: int = 0
 
 
 def start(plan: Plan, runner: JobRunner) -> Iterator[Union[Piece, Outcome]]:
@@ -79,7 +80,8 @@ def _finish(ev) -> Iterator[Union[Piece, Outcome]]:
     r = ev.result
     msg = getattr(ev, "message", None)
     if msg is not None:
-        yield Outcome(r, msg.content, msg.reasoning, [Call(c.id, c.name, c.arguments) for c in msg.tool_calls])
+        yield Outcome(r, msg.content, msg.reasoning, [Call(c.id, c.name, c.arguments) for c in msg.tool_calls],
+                      getattr(msg, "reasoning_tokens", 0))
         return
     calls = toolmod.parse_call(r.text) if ev.mode == "forced" else None
     if ev.mode == "forced" and calls is None:  # ran out of tokens inside the call's JSON: the text as it is
