@@ -66,6 +66,16 @@ DESCRIPTIONS = {
     "/rerank": ("Reranking", "Alias of /v1/rerank"),
     "/v1/reranking": ("Reranking", "Alias of /v1/rerank"),
     "/reranking": ("Reranking", "Alias of /v1/rerank"),
+    "/v1/messages": ("Anthropic", "Messages (system, messages with text/tool_use/tool_result blocks, tools, "
+                                  "stop_sequences, max_tokens required); Anthropic's SSE events with stream: true; "
+                                  "key as x-api-key or Bearer"),
+    "/v1/messages/count_tokens": ("Anthropic", "Count the input tokens a Messages request would use"),
+    "/v1/responses": ("OpenAI", "Responses (input, instructions, function tools, previous_response_id, "
+                                "max_output_tokens); response.* SSE events with stream: true"),
+    "/responses": ("OpenAI", "Alias of /v1/responses"),
+    "/v1/responses/input_tokens": ("OpenAI", "Count the input tokens a Responses request would use"),
+    "/v1/responses/{response_id}": ("OpenAI", "Retrieve (GET) or delete (DELETE) a stored response (kept one hour, "
+                                              "at most 512)"),
 }
 
 # ---------------------------------------------------------------- schema helpers
@@ -232,6 +242,31 @@ SCHEMAS = {
                     "tokens_evaluated": _NN_INT, "tokens_cached": _NN_INT, "truncated": _BOOL,
                     "stop_type": {"enum": ["eos", "limit", "word"]}, "stopping_word": _STR,
                     "timings": {"type": "object"}}, ["content", "stop"]),
+    "AnthropicError": _obj({"type": {"const": "error"}, "error": _obj({"type": _STR, "message": _STR},
+                                                                       ["type", "message"])}, ["type", "error"]),
+    "AnthropicMessage": _obj({
+        "id": _STR, "type": {"const": "message"}, "role": {"const": "assistant"}, "model": _STR,
+        "content": _arr({"anyOf": [
+            _obj({"type": {"const": "text"}, "text": _STR}, ["type", "text"]),
+            _obj({"type": {"const": "thinking"}, "thinking": _STR, "signature": _STR}, ["type", "thinking"]),
+            _obj({"type": {"const": "tool_use"}, "id": _STR, "name": _STR, "input": {"type": "object"}},
+                 ["type", "id", "name", "input"])]}),
+        "stop_reason": {"enum": ["end_turn", "max_tokens", "stop_sequence", "tool_use"]},
+        "stop_sequence": _NULLABLE_STR,
+        "usage": _obj({"input_tokens": _NN_INT, "output_tokens": _NN_INT}, ["input_tokens", "output_tokens"])},
+        ["id", "type", "role", "model", "content", "stop_reason", "usage"]),
+    "AnthropicTokenCount": _obj({"input_tokens": _NN_INT}, ["input_tokens"]),
+    "Response": _obj({
+        "id": _STR, "object": {"const": "response"}, "created_at": _INT,
+        "status": {"enum": ["completed", "incomplete", "in_progress", "failed"]}, "model": _STR,
+        "output": _arr({"type": "object", "required": ["type"], "properties": {
+            "type": {"enum": ["message", "function_call", "reasoning"]}}}),
+        "usage": {"type": ["object", "null"]}, "incomplete_details": {"type": ["object", "null"]},
+        "previous_response_id": _NULLABLE_STR},
+        ["id", "object", "created_at", "status", "model", "output"]),
+    "ResponseDeleted": _obj({"id": _STR, "object": {"const": "response.deleted"}, "deleted": _BOOL},
+                            ["id", "object", "deleted"]),
+    "ResponseInputTokens": _obj({"object": _STR, "input_tokens": _NN_INT}, ["input_tokens"]),
     "Rerank": _obj({"id": _STR, "object": {"const": "list"}, "model": _STR, "results": _arr(_obj({
         "index": _NN_INT, "relevance_score": _NUM, "document": _obj({"text": _STR}, ["text"])},
         ["index", "relevance_score"])), "usage": _obj({"prompt_tokens": _NN_INT, "total_tokens": _NN_INT})},
@@ -376,7 +411,63 @@ _RERANK_BODY = _obj({
     "documents": _arr({"anyOf": [_STR, _obj({"text": _STR}, ["text"])]}, minItems=1, maxItems=1024),
     "top_n": {"type": "integer", "minimum": 1}, "return_documents": _BOOL}, ["query", "documents"])
 
+_A_TEXT = _obj({"type": {"const": "text"}, "text": _STR}, ["type", "text"])
+_A_BLOCK = {"anyOf": [
+    _A_TEXT,
+    _obj({"type": {"const": "tool_use"}, "id": _STR, "name": {"type": "string", "minLength": 1},
+          "input": {"type": "object"}}, ["type", "id", "name"]),
+    _obj({"type": {"const": "tool_result"}, "tool_use_id": _STR,
+          "content": {"anyOf": [_STR, _arr(_A_TEXT)]}, "is_error": _BOOL}, ["type", "tool_use_id"]),
+    _obj({"type": {"enum": ["thinking", "redacted_thinking"]}}, ["type"])]}
+_ANTHROPIC_BODY = _obj({
+    "model": _STR, "max_tokens": {"type": "integer", "minimum": 1, "description": "required; below the context"},
+    "system": {"anyOf": [_STR, _arr(_A_TEXT)]},
+    "messages": _arr(_obj({"role": {"enum": ["user", "assistant"]},
+                           "content": {"anyOf": [_STR, _arr(_A_BLOCK)]}}, ["role", "content"]), minItems=1),
+    "tools": _arr(_obj({"name": {"type": "string", "minLength": 1}, "description": _STR,
+                        "input_schema": {"type": "object"}}, ["name"])),
+    "tool_choice": _obj({"type": {"enum": ["auto", "any", "tool", "none"]}, "name": _STR,
+                         "disable_parallel_tool_use": _BOOL}, ["type"]),
+    "stop_sequences": _arr(_STR, maxItems=256), "stream": _BOOL,
+    "temperature": {"type": "number", "minimum": 0, "maximum": 2}, "top_p": _UNIT, "top_k": _NN_INT,
+    "thinking": _obj({"type": {"enum": ["enabled", "disabled", "adaptive", "between_tools"]},
+                      "budget_tokens": {"type": "integer", "minimum": 1}}, ["type"]),
+    "output_config": _obj({"effort": {"enum": ["low", "medium", "high", "xhigh", "max"]},
+                           "format": _obj({"type": {"const": "json_schema"}, "schema": {"type": "object"}},
+                                          ["type", "schema"])}),
+    "metadata": {"type": "object"}}, ["max_tokens", "messages"])
+_ANTHROPIC_COUNT_BODY = {**_ANTHROPIC_BODY, "required": ["messages"]}
+_R_PART = _obj({"type": {"enum": ["input_text", "output_text", "text"]}, "text": _STR}, ["type", "text"])
+_R_ITEM = {"anyOf": [
+    _obj({"type": {"const": "message"}, "role": {"enum": ["user", "system", "developer", "assistant"]},
+          "content": {"anyOf": [_STR, _arr(_R_PART)]}}, ["role", "content"]),
+    _obj({"type": {"const": "function_call"}, "call_id": _STR, "name": {"type": "string", "minLength": 1},
+          "arguments": {"type": "string", "description": "JSON text"}}, ["type", "call_id", "name"]),
+    _obj({"type": {"const": "function_call_output"}, "call_id": _STR, "output": {"anyOf": [_STR, _arr(_R_PART)]}},
+         ["type", "call_id"]),
+    _obj({"type": {"const": "reasoning"}}, ["type"])]}
+_RESPONSES_BODY = _obj({
+    "model": _STR, "input": {"anyOf": [_STR, _arr(_R_ITEM, minItems=1)]}, "instructions": _STR,
+    "max_output_tokens": {"type": "integer", "minimum": 1, "description": "must be below the context size"},
+    "temperature": {"type": "number", "minimum": 0}, "top_p": _UNIT, "stream": _BOOL, "store": _BOOL,
+    "previous_response_id": _STR,
+    "tools": _arr(_obj({"type": {"const": "function"}, "name": {"type": "string", "minLength": 1},
+                        "description": _STR, "parameters": {"type": "object"}, "strict": _BOOL},
+                       ["type", "name"])),
+    "tool_choice": {"anyOf": [{"enum": ["none", "auto", "required"]},
+                              _obj({"type": {"const": "function"}, "name": _STR}, ["type", "name"])]},
+    "parallel_tool_calls": _BOOL, "metadata": {"type": "object"},
+    "text": _obj({"format": _obj({"type": {"enum": ["text", "json_object", "json_schema"]}, "name": _STR,
+                                  "schema": {"type": "object"}}, ["type"])}),
+    "reasoning": _obj({"effort": {"enum": ["none", "minimal", "low", "medium", "high", "xhigh"]},
+                       "summary": _NULLABLE_STR})}, ["input"])
+
 BODIES = {
+    "/v1/messages": _ANTHROPIC_BODY,
+    "/v1/messages/count_tokens": _ANTHROPIC_COUNT_BODY,
+    "/v1/responses": _RESPONSES_BODY,
+    "/responses": _RESPONSES_BODY,
+    "/v1/responses/input_tokens": _RESPONSES_BODY,
     "/api/show": _OLLAMA_SHOW_BODY,
     "/api/embed": _OLLAMA_EMBED_BODY,
     "/api/embeddings": _OLLAMA_EMBEDDINGS_BODY,
@@ -506,6 +597,19 @@ REPLIES = {
         _obj({"content": _STR, "stop": _BOOL}, ["content", "stop"]),
         "with stream: true; the last event has stop: true")},
     **{p: {_JSON: _ref("Rerank")} for p in ("/v1/rerank", "/rerank", "/v1/reranking", "/reranking")},
+    "/v1/messages": {_JSON: _ref("AnthropicMessage"), "text/event-stream": _sse(
+        {"type": "object", "required": ["type"], "properties": {"type": {"enum": [
+            "message_start", "content_block_start", "content_block_delta", "content_block_stop", "message_delta",
+            "message_stop", "ping", "error"]}}},
+        "with stream: true; `event:` names the data's type", event=None)},
+    "/v1/messages/count_tokens": {_JSON: _ref("AnthropicTokenCount")},
+    **{p: {_JSON: _ref("Response"), "text/event-stream": _sse(
+        {"type": "object", "required": ["type", "sequence_number"],
+         "properties": {"type": _STR, "sequence_number": _NN_INT}},
+        "with stream: true; response.created ... response.completed (or response.incomplete)")}
+       for p in ("/v1/responses", "/responses")},
+    "/v1/responses/input_tokens": {_JSON: _ref("ResponseInputTokens")},
+    "/v1/responses/{response_id}": {_JSON: {"anyOf": [_ref("Response"), _ref("ResponseDeleted")]}},
     "/api/version": {_JSON: _ref("OllamaVersion")},
     "/api/generate": {_JSON: dict(_ref("OllamaGenerate"), description="with stream: false"),
                       "application/x-ndjson": _NDJSON},
@@ -516,9 +620,11 @@ REPLIES = {
 # routes that queue a generation: 503 when the queue is full
 _GENERATING = {"/api/v1/generate", "/api/extra/generate/stream", "/v1/chat/completions", "/chat/completions",
                "/v1/completions", "/v1/completion", "/completions", "/v1/engines/{engine}/generate",
-               "/v1/engines/{engine}/completions", "/v1/edits", "/api/generate", "/api/chat", "/infill"}
+               "/v1/engines/{engine}/completions", "/v1/edits", "/api/generate", "/api/chat", "/infill",
+               "/v1/messages", "/v1/responses", "/responses"}
 _NEEDS_MODEL = {"/v1/rerank", "/rerank", "/v1/reranking", "/reranking"}  # 501 without --rerankmodel
-_ERROR_SCHEMA = {"openai": "OpenAIError", "ollama": "OllamaError", "kobold": "KoboldError"}
+_ERROR_SCHEMA = {"openai": "OpenAIError", "ollama": "OllamaError", "kobold": "KoboldError",
+                 "anthropic": "AnthropicError"}
 _ERROR_TEXT = {400: "invalid body or parameter", 401: "missing or wrong API key (--password)",
                404: "no such route", 405: "method not allowed on this path (the Allow header lists the right ones)",
                413: "body larger than --maxrequestsize", 501: "not configured", 502: "the upstream server failed",
@@ -553,10 +659,10 @@ def build(routes: Iterable[Tuple[str, str, bool, str]], version: str, title: str
         # an id in the path is echoed nowhere: any model/engine name answers with the loaded model
         params = [{"name": n, "in": "path", "required": True,
                    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_:-][A-Za-z0-9._:-]*$"}}
-                  for n in ("model", "engine") if "{" + n + "}" in path]
+                  for n in ("model", "engine", "response_id") if "{" + n + "}" in path]
         if params:
             op["parameters"] = params
-        codes = [404, 405]
+        codes = [404, 405]  # (GET /v1/responses/{id}: an unknown id is a 404 too)
         if method in ("POST", "PUT", "PATCH"):
             body = BODIES.get(path, {"type": "object"})
             # no body reads as {}: only a body with required fields must be sent
@@ -576,8 +682,9 @@ def build(routes: Iterable[Tuple[str, str, bool, str]], version: str, title: str
         paths.setdefault(path, {})[method.lower()] = op
     return copy.deepcopy({"openapi": "3.1.0",
             "info": {"title": title, "version": version,
-                     "description": "KoboldCpp native API, an OpenAI-compatible API under /v1, Ollama routes, "
-                                    "fill-in-the-middle and reranking."},
+                     "description": "KoboldCpp native API, an OpenAI-compatible API under /v1 (Chat Completions and "
+                                    "Responses), Anthropic Messages, Ollama routes, fill-in-the-middle and "
+                                    "reranking."},
             "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
                            "schemas": SCHEMAS, "responses": _error_responses()},
             "paths": paths})  # callers get no references into the module's tables
