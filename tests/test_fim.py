@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tests.support import ServerProcess, http
-from tests.tinymodel import FIM_TOKENS, tiny_model_path
+from tests.tinymodel import FIM_REPO_TOKENS, FIM_TOKENS, tiny_model_path
 
 GREEDY = {"temperature": 0, "top_k": 1, "seed": 1}
 PREFIX, SUFFIX = "def hello world(", " return the dog"
@@ -14,6 +14,12 @@ PREFIX, SUFFIX = "def hello world(", " return the dog"
 @pytest.fixture(scope="module")
 def server():
     with ServerProcess(tiny_model_path(fim=True, n_ctx=256), "--contextsize", "256") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def repo():
+    with ServerProcess(tiny_model_path(fim="repo", n_ctx=256), "--contextsize", "256") as s:
         yield s
 
 
@@ -73,6 +79,21 @@ def test_infill_extra_files_go_first(server):
     prompt = [1] + ids(server, "a.py\nthe king\n") + ids(server, "the cat\n") + expected_prompt(server, PREFIX,
                                                                                                  SUFFIX)[1:]
     assert r["tokens_evaluated"] == len(prompt)
+
+
+def test_infill_extra_files_with_repo_tokens(repo):
+    """A model with repository/file-separator tokens gets [REP] project [SEP] file ... before the FIM part, and the
+    text matches a plain completion of exactly that prompt."""
+    st, _, r = http("POST", repo.url + "/api/extra/tokencount", {"prompt": "".join(FIM_REPO_TOKENS), "special": True})
+    rep, sep = r["ids"][1:]
+    body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 6, **GREEDY,
+            "input_extra": [{"filename": "a.py", "text": "the king"}]}
+    st, _, r = http("POST", repo.url + "/infill", body)
+    prompt = ([1, rep] + ids(repo, "project\n") + [sep] + ids(repo, "a.py\nthe king")
+              + expected_prompt(repo, PREFIX, SUFFIX)[1:])
+    assert st == 200 and r["tokens_evaluated"] == len(prompt)
+    ref = http("POST", repo.url + "/v1/completions", {"prompt": prompt, "max_tokens": 6, **GREEDY})[2]
+    assert r["content"] == ref["choices"][0]["text"]
 
 
 def test_infill_stream_matches_blocking(server):

@@ -23,6 +23,7 @@ CHATML_TEMPLATE = (
 )
 
 FIM_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
+FIM_REPO_TOKENS = ("<repo_name>", "<file_sep>")  # with fim="repo": project-level context (Qwen2.5-Coder style)
 
 _WORDS = (
     "the of and to in is you that it he was for on are as with his they at be this have from or one had by but "
@@ -57,12 +58,13 @@ def _vocab():
 
 def write_tiny_llama(path, n_embd: int = 64, n_layers: int = 2, n_ff: int = 128, n_head: int = 4,
                      n_head_kv: int = 2, n_ctx: int = 512, seed: int = 0, chat_template: str | None = None,
-                     big: bool = False, name: str = "tiny-llama", fim: bool = False) -> Path:
+                     big: bool = False, name: str = "tiny-llama", fim=False) -> Path:
     """Write a random-weight llama GGUF (F32) to `path` and return it as a Path.
 
     big=True gives the timing-sized variant (n_embd 512, 8 layers, ff 1536, 8 heads / 4 kv heads, ctx >= 2048,
     about 100 MB) regardless of the size arguments. fim=True adds fill-in-the-middle control tokens
-    (<fim_prefix>, <fim_suffix>, <fim_middle>) and names them in the tokenizer metadata.
+    (<fim_prefix>, <fim_suffix>, <fim_middle>) and names them in the tokenizer metadata; fim="repo" adds the
+    repository-name and file-separator tokens too.
     """
     import gguf
 
@@ -75,7 +77,7 @@ def write_tiny_llama(path, n_embd: int = 64, n_layers: int = 2, n_ff: int = 128,
     tokens, scores, types = _vocab()
     fim_ids = []
     if fim:
-        for t in FIM_TOKENS:
+        for t in FIM_TOKENS + (FIM_REPO_TOKENS if fim == "repo" else ()):
             fim_ids.append(len(tokens))
             tokens.append(t)
             scores.append(0.0)
@@ -114,7 +116,8 @@ def write_tiny_llama(path, n_embd: int = 64, n_layers: int = 2, n_ff: int = 128,
         if chat_template:
             w.add_chat_template(chat_template)
         for key, tid in zip((gguf.Keys.Tokenizer.FIM_PRE_ID, gguf.Keys.Tokenizer.FIM_SUF_ID,
-                             gguf.Keys.Tokenizer.FIM_MID_ID), fim_ids):
+                             gguf.Keys.Tokenizer.FIM_MID_ID, gguf.Keys.Tokenizer.FIM_REP_ID,
+                             gguf.Keys.Tokenizer.FIM_SEP_ID), fim_ids):
             w.add_uint32(key, tid)
 
         ones = np.ones(n_embd, dtype=np.float32)
