@@ -220,19 +220,15 @@ def parse(body, ctx: Context, count_only: bool = False) -> tuple:
 
 
 def _pipeline_options(parallel: bool, thinking: Optional[dict], effort: Optional[str]) -> dict:
-    """Options only the tool-call/reasoning pipeline knows (passed once chat.plan_chat takes them)."""
-    import inspect
-    params = inspect.signature(chat.plan_chat).parameters
-    opts = {}
-    if "parallel_tool_calls" in params:
-        opts["parallel_tool_calls"] = parallel
-    if "reasoning_format" in params:
-        opts["reasoning_format"] = "separate"
-    if "reasoning_effort" in params:
-        if thinking is not None and thinking["type"] == "disabled":
-            opts["reasoning_effort"] = "none"
-        elif effort is not None:
-            opts["reasoning_effort"] = "high" if effort in ("xhigh", "max") else effort
+    """thinking / output_config.effort / disable_parallel_tool_use as the chat pipeline's options; thinking comes
+    back as its own content blocks (reasoning kept separate)."""
+    opts = {"parallel_tool_calls": parallel, "reasoning_format": "separate"}
+    if thinking is not None and thinking["type"] == "disabled":
+        opts["reasoning_effort"] = "none"
+    elif thinking is not None and thinking["type"] == "enabled":
+        opts["enable_thinking"] = True
+    if effort is not None and "reasoning_effort" not in opts:
+        opts["reasoning_effort"] = "high" if effort in ("xhigh", "max") else effort
     return opts
 
 

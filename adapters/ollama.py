@@ -279,6 +279,21 @@ def _messages(msgs) -> List[dict]:
     return out
 
 
+def _think(b: F.Body) -> dict:
+    """Ollama's `think`: true/false, or "low"/"medium"/"high" (gpt-oss) -> the chat pipeline's reasoning options.
+    Thinking is always returned apart (message.thinking); false asks the template not to think and drops any."""
+    v = b.raw("think")
+    if v is F.MISSING or v is None:
+        return {}
+    if v is True:
+        return {"enable_thinking": True}
+    if v is False:
+        return {"enable_thinking": False, "reasoning_format": "drop"}
+    if v in ("low", "medium", "high"):
+        return {"enable_thinking": True, "reasoning_effort": v}
+    raise _bad("'think' must be true, false, \"low\", \"medium\" or \"high\"", "think")
+
+
 def parse_chat(body, ctx: Context) -> Plan:
     b = F.Body(body)
     messages = _messages(b.data.get("messages"))
@@ -287,7 +302,7 @@ def parse_chat(body, ctx: Context) -> Plan:
     template = _template(b, ctx, adapter, [])
     plan = Plan("chat", [], ctx.model_name, "", stream=b.bool("stream", True))
     return chat.plan_chat(plan, ctx, messages, adapter, template, [None], tools, choice,
-                          jinja=ctx.use_jinja and b.data.get("adapter") is None)
+                          jinja=ctx.use_jinja and b.data.get("adapter") is None, **_think(b))
 
 
 # ---------------------------------------------------------------- replies
@@ -304,23 +319,25 @@ def _final(plan: Plan, r, piece: dict, started: float, ctx: Context) -> dict:
     return d
 
 
-def _message(r, mode: str) -> dict:
-    msg = {"role": "assistant", "content": r.text}
-    calls = toolmod.parse_calls(r.text) if mode == "forced" else None
-    if calls:
-        msg["content"] = ""
-        msg["tool_calls"] = [{"function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
+def _message(m) -> dict:
+    """An assistant turn (adapters.parsing.Message) as Ollama's message: thinking apart, tool calls with their
+    arguments as objects."""
+    msg = {"role": "assistant", "content": m.content}
+    if m.reasoning:
+        msg["thinking"] = m.reasoning
+    if m.tool_calls:
+        msg["tool_calls"] = [{"function": {"name": c.name, "arguments": c.arguments_value()}} for c in m.tool_calls]
     return msg
 
 
-def _piece(plan: Plan, r, mode: str) -> dict:
-    return {"message": _message(r, mode)} if plan.kind == "chat" else {"response": r.text}
+def _piece(plan: Plan, ev) -> dict:
+    return {"message": _message(ev.message)} if plan.kind == "chat" else {"response": ev.result.text}
 
 
 def run_blocking(plan: Plan, runner: JobRunner, ctx: Context) -> dict:
     started = time.monotonic()
-    mode, results = chat.run(plan, runner)
-    return _final(plan, results[0], _piece(plan, results[0], mode), started, ctx)
+    (done,) = chat.run(plan, runner)
+    return _final(plan, done.result, _piece(plan, done), started, ctx)
 
 
 def _line(obj) -> bytes:
@@ -334,20 +351,34 @@ def start_stream(plan: Plan, runner: JobRunner, ctx: Context) -> Iterator[bytes]
 
 
 def _stream(plan: Plan, events, ctx: Context) -> Iterator[bytes]:
+    """Content and thinking stream as they come; tool calls are sent whole in the final line (Ollama's clients
+    read `message.tool_calls` from any line)."""
     started = time.monotonic()
     is_chat = plan.kind == "chat"
     sent = False
     try:
         for ev in events:
-            if ev.kind == "text" and ev.text and ev.mode != "forced":
-                piece = {"message": {"role": "assistant", "content": ev.text}} if is_chat else {"response": ev.text}
+            if ev.kind == "text" and is_chat:
+                d = ev.delta
+                msg = {"role": "assistant", "content": d.content}
+                if d.reasoning:
+                    msg["thinking"] = d.reasoning
+                if d.content or d.reasoning:
+                    sent = True
+                    yield _line({"model": plan.model, "created_at": _now(), "message": msg, "done": False})
+            elif ev.kind == "text" and ev.text:
                 sent = True
-                yield _line({"model": plan.model, "created_at": _now(), **piece, "done": False})
+                yield _line({"model": plan.model, "created_at": _now(), "response": ev.text, "done": False})
             elif ev.kind == "done":
-                if ev.mode == "forced":
-                    piece = _piece(plan, ev.result, ev.mode)
+                if is_chat:
+                    calls = ev.message.tool_calls
+                    piece = {"message": {"role": "assistant", "content": ""}}
+                    if calls:
+                        piece["message"]["tool_calls"] = [{"function": {"name": c.name,
+                                                                        "arguments": c.arguments_value()}}
+                                                          for c in calls]
                 else:
-                    piece = {"message": {"role": "assistant", "content": ""}} if is_chat else {"response": ""}
+                    piece = {"response": ""}
                 sent = True
                 yield _line(_final(plan, ev.result, piece, started, ctx))
     except ApiError as e:

@@ -190,6 +190,30 @@ def parse_messages(messages) -> List[dict]:
 # ---------------------------------------------------------------------------------------------------------
 # requests -> plan
 
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+
+
+def reasoning_options(b: F.Body) -> dict:
+    """The thinking and template fields chat dialects share: reasoning_effort, chat_template_kwargs (llama-server's
+    way to reach the model's template, e.g. {"enable_thinking": false}) and reasoning_format."""
+    effort = b.raw("reasoning_effort")
+    if effort is F.MISSING or effort is None:
+        effort = None
+    elif effort not in REASONING_EFFORTS:
+        raise _bad(f"'reasoning_effort' must be one of {', '.join(REASONING_EFFORTS)}", "reasoning_effort")
+    kw = b.raw("chat_template_kwargs")
+    if kw is F.MISSING or kw is None:
+        kw = None
+    elif not isinstance(kw, dict):
+        raise _bad("'chat_template_kwargs' must be an object", "chat_template_kwargs")
+    rf = b.raw("reasoning_format")
+    if rf is F.MISSING or rf is None:
+        rf = None
+    elif rf not in chat.REASONING_FORMATS:
+        raise _bad("'reasoning_format' must be one of " + ", ".join(chat.REASONING_FORMATS), "reasoning_format")
+    return {"reasoning_effort": effort, "template_kwargs": kw, "reasoning_format": rf}
+
+
 def parse_chat(body, ctx: Context) -> Plan:
     b = F.Body(body)
     n = b.int("n", 1, 1, MAX_N)
@@ -209,7 +233,8 @@ def parse_chat(body, ctx: Context) -> Plan:
                           jinja=ctx.use_jinja and b.data.get("adapter") is None,
                           continue_assistant=b.bool("continue_assistant_turn"),
                           tool_temperature=template.sampling.temperature if explicit_temp is not F.MISSING
-                          else float(adapter.get("temperature", 0.5)))
+                          else float(adapter.get("temperature", 0.5)),
+                          parallel_tool_calls=b.bool("parallel_tool_calls", True), **reasoning_options(b))
 
 
 def _prompts(body: dict, n_vocab: int) -> list:
@@ -270,15 +295,16 @@ def parse_completion(body, ctx: Context) -> Plan:
 # ---------------------------------------------------------------------------------------------------------
 # shapes
 
-def usage(results) -> dict:
-    if not results:
+def usage(done) -> dict:
+    """Usage of a plan's finished choices ("done" events)."""
+    if not done:
         return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
                 "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}}
-    pt = results[0].prompt_tokens
-    ct = sum(r.completion_tokens for r in results)
+    pt = done[0].result.prompt_tokens
+    ct = sum(d.result.completion_tokens for d in done)
     return {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct,
-            "prompt_tokens_details": {"cached_tokens": results[0].cached_tokens},
-            "completion_tokens_details": {"reasoning_tokens": 0}}
+            "prompt_tokens_details": {"cached_tokens": done[0].result.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": sum(d.message.reasoning_tokens for d in done)}}
 
 
 def _envelope(plan: Plan, chunk: bool) -> dict:
@@ -290,27 +316,39 @@ def _envelope(plan: Plan, chunk: bool) -> dict:
             "system_fingerprint": SYSTEM_FINGERPRINT}
 
 
-def reply(plan: Plan, mode: str, results) -> dict:
-    """The blocking reply for a plan's finished results."""
+def _chat_finish(ev) -> str:
+    return "tool_calls" if ev.message.tool_calls else finish_reason(ev.result)
+
+
+def chat_message(m) -> dict:
+    """An assistant turn (adapters.parsing.Message) as OpenAI's message object."""
+    msg = {"role": "assistant", "content": m.content, "refusal": None}
+    if m.reasoning:
+        msg["reasoning_content"] = m.reasoning
+    if m.tool_calls:
+        msg["content"] = m.content or None
+        msg["tool_calls"] = [c.openai() for c in m.tool_calls]
+    return msg
+
+
+def reply(plan: Plan, done) -> dict:
+    """The blocking reply for a plan's finished choices."""
     choices = []
-    for i, r in enumerate(results):
+    for i, ev in enumerate(done):
+        r = ev.result
         if plan.kind == "chat":
-            msg = {"role": "assistant", "content": r.text, "refusal": None}
-            fr = finish_reason(r)
-            calls = toolmod.parse_call(r.text) if mode == "forced" else None
-            if calls:
-                msg["content"], msg["tool_calls"], fr = None, calls, "tool_calls"
-            choices.append({"index": i, "message": msg, "logprobs": chat_logprobs(r.logprobs) if plan.logprobs else None,
-                            "finish_reason": fr})
+            choices.append({"index": i, "message": chat_message(ev.message),
+                            "logprobs": chat_logprobs(r.logprobs) if plan.logprobs else None,
+                            "finish_reason": _chat_finish(ev)})
         else:
             pre = plan.echo[i] if plan.echo else ""
             choices.append({"index": i, "text": pre + r.text, "finish_reason": finish_reason(r),
                             "logprobs": completion_logprobs(r.logprobs, len(pre)) if plan.logprobs else None})
-    return {**_envelope(plan, False), "choices": choices, "usage": usage(results)}
+    return {**_envelope(plan, False), "choices": choices, "usage": usage(done)}
 
 
 def run_blocking(plan: Plan, runner: JobRunner) -> dict:
-    return reply(plan, *chat.run(plan, runner))
+    return reply(plan, chat.run(plan, runner))
 
 
 def _chunk(plan: Plan, choices, usage_=None, with_usage_key=False) -> bytes:
@@ -338,10 +376,32 @@ def _stream(plan: Plan, events) -> Iterator[bytes]:
         yield sse_event(error_body("openai", e))
 
 
+def chat_delta(d) -> dict:
+    """A parsed piece (adapters.parsing.Delta) as OpenAI's delta: content, reasoning_content, tool_calls pieces
+    (id, type and name on a call's first piece; arguments text as it is generated)."""
+    out = {}
+    if d.content:
+        out["content"] = d.content
+    if d.reasoning:
+        out["reasoning_content"] = d.reasoning
+    if d.calls:
+        calls = []
+        for c in d.calls:
+            if c.id is not None:
+                calls.append({"index": c.index, "id": c.id, "type": "function",
+                              "function": {"name": c.name, "arguments": c.arguments}})
+            elif calls and calls[-1]["index"] == c.index:  # pieces of one call within one delta are joined
+                calls[-1]["function"]["arguments"] += c.arguments
+            else:
+                calls.append({"index": c.index, "function": {"arguments": c.arguments}})
+        out["tool_calls"] = calls
+    return out
+
+
 def _chunks(plan: Plan, events) -> Iterator[bytes]:
     chat_kind = plan.kind == "chat"
     iu = plan.include_usage
-    results = []
+    done = []
     offset = 0
     for ev in events:
         i = ev.index
@@ -353,46 +413,27 @@ def _chunks(plan: Plan, events) -> Iterator[bytes]:
             elif plan.echo:
                 yield _chunk(plan, [{"index": i, "text": plan.echo[i], "logprobs": None, "finish_reason": None}],
                              with_usage_key=iu)
-        elif ev.kind == "text" and ev.mode != "forced":
+        elif ev.kind == "text":
             lp = None
             if plan.logprobs and ev.logprobs:
                 lp = chat_logprobs(ev.logprobs) if chat_kind else completion_logprobs(ev.logprobs, offset)
             offset += len(ev.text)
-            c = {"index": i, "delta": {"content": ev.text}} if chat_kind else {"index": i, "text": ev.text}
+            if chat_kind:
+                delta = chat_delta(ev.delta)
+                if not delta and lp is None:
+                    continue  # held back by the parser (a tag that may be starting)
+                c = {"index": i, "delta": delta}
+            else:
+                c = {"index": i, "text": ev.text}
             yield _chunk(plan, [{**c, "logprobs": lp, "finish_reason": None}], with_usage_key=iu)
         elif ev.kind == "done":
-            results.append(ev.result)
-            if ev.mode == "forced":
-                # tool calls are only known once the JSON is complete: generated, then sent as deltas
-                yield from _tool_chunks(plan, i, ev.result)
-                continue
+            done.append(ev)
             last = {"index": i, "delta": {}} if chat_kind else {"index": i, "text": ""}
-            yield _chunk(plan, [{**last, "logprobs": None, "finish_reason": finish_reason(ev.result)}],
-                         with_usage_key=iu)
+            fr = _chat_finish(ev) if chat_kind else finish_reason(ev.result)
+            yield _chunk(plan, [{**last, "logprobs": None, "finish_reason": fr}], with_usage_key=iu)
     if iu:
-        yield _chunk(plan, [], usage_=usage(results))
+        yield _chunk(plan, [], usage_=usage(done))
     yield b"data: [DONE]\n\n"
-
-
-def _tool_chunks(plan: Plan, i: int, r):
-    iu = plan.include_usage
-    calls = toolmod.parse_call(r.text)
-    if not calls:  # ran out of tokens before the JSON closed: send the text as it is
-        yield _chunk(plan, [{"index": i, "delta": {"content": r.text}, "logprobs": None, "finish_reason": None}],
-                     with_usage_key=iu)
-        yield _chunk(plan, [{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish_reason(r)}],
-                     with_usage_key=iu)
-        return
-    for k, c in enumerate(calls):
-        yield _chunk(plan, [{"index": i, "delta": {"tool_calls": [
-            {"index": k, "id": c["id"], "type": "function", "function": {"name": c["function"]["name"],
-                                                                          "arguments": ""}}]},
-            "logprobs": None, "finish_reason": None}], with_usage_key=iu)
-        yield _chunk(plan, [{"index": i, "delta": {"tool_calls": [
-            {"index": k, "function": {"arguments": c["function"]["arguments"]}}]},
-            "logprobs": None, "finish_reason": None}], with_usage_key=iu)
-    yield _chunk(plan, [{"index": i, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}],
-                 with_usage_key=iu)
 
 
 # ---------------------------------------------------------------------------------------------------------

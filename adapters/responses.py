@@ -276,16 +276,11 @@ def parse(body, ctx: Context, store: ResponseStore) -> Request:
 
 
 def _pipeline_options(parallel: bool, effort: Optional[str]) -> dict:
-    """Options only the tool-call/reasoning pipeline knows (passed once chat.plan_chat takes them)."""
-    import inspect
-    params = inspect.signature(chat.plan_chat).parameters
-    opts = {}
-    if "parallel_tool_calls" in params:
-        opts["parallel_tool_calls"] = parallel
-    if "reasoning_format" in params:
-        opts["reasoning_format"] = "separate"
-    if "reasoning_effort" in params and effort is not None:
-        opts["reasoning_effort"] = effort
+    """parallel_tool_calls and reasoning.effort as the chat pipeline's options; reasoning comes back as its own
+    output item (kept separate)."""
+    opts = {"parallel_tool_calls": parallel, "reasoning_format": "separate"}
+    if effort is not None:
+        opts["reasoning_effort"] = "high" if effort == "xhigh" else effort  # templates know none..high
     return opts
 
 

@@ -8,7 +8,7 @@ from typing import Iterator, List, Union
 
 from gguf_loader.jobs import Result
 
-from . import chat, tools as toolmod
+from . import chat
 from .chat import Plan
 from .run import JobRunner
 
@@ -58,42 +58,21 @@ def _pieces(events) -> Iterator[Union[Piece, Outcome]]:
     for ev in events:
         if ev.index != 0:
             continue
-        delta = getattr(ev, "delta", None)
-        if ev.kind == "text":
-            if delta is not None:  # the tool-call/reasoning pipeline: typed deltas
-                if delta.reasoning:
-                    yield Piece("reasoning", delta.reasoning)
-                if delta.content:
-                    yield Piece("text", delta.content)
-                for c in delta.calls:
-                    if c.id is not None or c.name is not None:
-                        yield Piece("call", call=c.index, id=c.id or "", name=c.name or "")
-                    if c.arguments:
-                        yield Piece("args", c.arguments, call=c.index)
-            elif ev.text and ev.mode != "forced":
-                yield Piece("text", ev.text)
+        if ev.kind == "text" and ev.delta:
+            d = ev.delta
+            if d.reasoning:
+                yield Piece("reasoning", d.reasoning)
+            if d.content:
+                yield Piece("text", d.content)
+            for c in d.calls:
+                if c.id is not None or c.name is not None:
+                    yield Piece("call", call=c.index, id=c.id or "", name=c.name or "")
+                if c.arguments:
+                    yield Piece("args", c.arguments, call=c.index)
         elif ev.kind == "done":
-            yield from _finish(ev)
-
-
-def _finish(ev) -> Iterator[Union[Piece, Outcome]]:
-    r = ev.result
-    msg = getattr(ev, "message", None)
-    if msg is not None:
-        yield Outcome(r, msg.content, msg.reasoning, [Call(c.id, c.name, c.arguments) for c in msg.tool_calls],
-                      getattr(msg, "reasoning_tokens", 0))
-        return
-    calls = toolmod.parse_call(r.text) if ev.mode == "forced" else None
-    if ev.mode == "forced" and calls is None:  # ran out of tokens inside the call's JSON: the text as it is
-        yield Piece("text", r.text)
-        yield Outcome(r, r.text)
-        return
-    out = []
-    for k, c in enumerate(calls or []):
-        out.append(Call(c["id"], c["function"]["name"], c["function"]["arguments"]))
-        yield Piece("call", call=k, id=c["id"], name=c["function"]["name"])
-        yield Piece("args", c["function"]["arguments"], call=k)
-    yield Outcome(r, "" if out else r.text, "", out)
+            m = ev.message
+            yield Outcome(ev.result, m.content, m.reasoning, [Call(c.id, c.name, c.arguments) for c in m.tool_calls],
+                          m.reasoning_tokens)
 
 
 def finish(outcome: Outcome, user_stops: List[str]) -> tuple:

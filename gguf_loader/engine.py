@@ -140,6 +140,31 @@ class _Vocab:
     def detokenize(self, ids: List[int], special: bool = False) -> str:
         return b"".join(self.piece(int(t), special) for t in ids if 0 <= int(t) < self.n_vocab).decode("utf-8", "replace")
 
+    @functools.cached_property
+    def _by_piece(self) -> Dict[bytes, int]:
+        out: Dict[bytes, int] = {}
+        for t in range(self.n_vocab):
+            p = self.piece(t, True)
+            if p and p not in out:
+                out[p] = t
+        return out
+
+    def spell(self, data: bytes) -> Optional[List[int]]:
+        """Token ids whose pieces are exactly `data` (longest piece first), or None. Unlike tokenize, no prefix
+        space is added and any substring works: for feeding a grammar text that is already in the output."""
+        table, out, i = self._by_piece, [], 0
+        longest = 64
+        while i < len(data):
+            for n in range(min(longest, len(data) - i), 0, -1):
+                t = table.get(data[i:i + n])
+                if t is not None:
+                    out.append(t)
+                    i += n
+                    break
+            else:
+                return None
+        return out
+
 
 class _Slot:
     def __init__(self, seq_id: int):
@@ -694,7 +719,7 @@ class Engine:
         banned_now = (lambda: slot.bans.get(len(slot.generated))) if req.banned_phrases else None
         eog = self.eog_ids if req.sampling.ban_eos else []
         return SamplerChain(self.vocab, self.n_vocab, self.n_ctx_train, eog, req.sampling, slot.prompt,
-                            slot.seed, banned_now)
+                            slot.seed, banned_now, (lambda t: self.tok.piece(t, True), self.tok.spell))
 
     _MAX_BANS_PER_POSITION = 16
     _MAX_BACKTRACKS = 256

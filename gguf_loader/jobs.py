@@ -43,6 +43,10 @@ class SamplingParams:
     xtc_probability: float = 0.0
     seed: int = -1  # < 0: random
     grammar: str = ""  # GBNF
+    # lazy grammar: free text until one of these Python regexes is found in the output (group 1 starts the text
+    # the grammar then constrains); the server's own tool-call triggers only, never a client's
+    grammar_triggers: List[str] = field(default_factory=list)
+    grammar_trigger_think: Optional[tuple] = None  # (start, end, opened): triggers inside reasoning do not count
     logit_bias: dict = field(default_factory=dict)  # {token_id(int): bias(float)}
     ban_eos: bool = False
 

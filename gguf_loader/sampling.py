@@ -6,6 +6,7 @@ candidate array, only when a request asks for them; everything else stays in C.
 from __future__ import annotations
 
 import ctypes
+import re as _re
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -151,11 +152,67 @@ class _PySampler:
         self.ptr = L.llama_sampler_init(ctypes.pointer(iface), None)
 
 
+class _LazyGrammar:
+    """Watches the generated text for a trigger (SamplingParams.grammar_triggers, Python regexes; group 1 starts
+    the constrained text), ignoring a leading reasoning block; then builds the grammar and feeds it the text from
+    the trigger on, each token checked before it is accepted. Text the grammar refuses leaves generation free."""
+
+    def __init__(self, vocab, p: SamplingParams, text_tools):
+        self.vocab, self.grammar_text = vocab, p.grammar
+        self.piece, self.tokenize = text_tools  # (token -> bytes with specials), (text -> exact ids or None)
+        self.triggers = [_re.compile(t.encode("utf-8")) for t in p.grammar_triggers]  # on bytes: a character
+        # may be split between tokens
+        self.think = p.grammar_trigger_think  # (start, end, opened by the prompt) or None
+        if self.think:
+            self.think = (self.think[0].encode("utf-8"), self.think[1].encode("utf-8"), self.think[2])
+        self.text = b""
+        self.dead = False
+
+    def _region(self) -> Optional[int]:
+        """Where triggers may match: after a leading reasoning block (None while it is still open)."""
+        if not self.think:
+            return 0
+        start, end, opened = self.think
+        if not opened and not self.text.lstrip().startswith(start):
+            if start.startswith(self.text.lstrip()):
+                return None  # may still be opening
+            return 0
+        k = self.text.find(end)
+        return None if k < 0 else k + len(end)
+
+    def after(self, tok: int, fits):
+        """-> the grammar sampler once it has taken over, else None."""
+        if self.dead:
+            return None
+        self.text += self.piece(tok)
+        at = self._region()
+        if at is None:
+            return None
+        region = self.text[at:]  # "^" in a trigger means the start of the answer
+        for rx in self.triggers:
+            m = rx.search(region)
+            if m:
+                break
+        else:
+            return None
+        self.dead = True  # one try: from here on the grammar rules or nothing does
+        begin = m.start(1) if m.re.groups else m.start()
+        g = L.llama_sampler_init_grammar(self.vocab, self.grammar_text.encode("utf-8"), b"root")
+        if not g:
+            return None
+        for t in self.tokenize(region[begin:]) or [-1]:
+            if t < 0 or not fits(g, t):
+                L.llama_sampler_free(g)
+                return None
+            L.llama_sampler_accept(g, t)
+        return g
+
+
 class SamplerChain:
     """Owns a llama.cpp sampler chain for one request."""
 
     def __init__(self, vocab, n_vocab: int, n_ctx_train: int, eog_ids: List[int], params: SamplingParams,
-                 prompt_tokens: Sequence[int], seed: int, banned_now=None):
+                 prompt_tokens: Sequence[int], seed: int, banned_now=None, text_tools=None):
         self.chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
         self._py: List[_PySampler] = []  # keeps the Python callbacks alive as long as the chain
         self._keep = []  # ctypes buffers that must outlive the chain
@@ -188,12 +245,19 @@ class SamplerChain:
 
         # The grammar stays out of the chain: checking one sampled token is cheap, masking all 262k is not.
         self.grammar = None
-        if p.grammar:
+        self._lazy = None
+        if p.grammar and p.grammar_triggers:
+            # Lazy: free text until a trigger shows up. llama.cpp's own lazy grammar hands the text after the
+            # trigger to the grammar unchecked and aborts the process when it does not fit, so the trigger is
+            # watched here and that text is checked token by token before the grammar takes over.
+            self._lazy = _LazyGrammar(vocab, p, text_tools)
+        elif p.grammar:
             self.grammar = L.llama_sampler_init_grammar(vocab, p.grammar.encode("utf-8"), b"root")
             if not self.grammar:
                 self.grammar = None
                 self.close()
                 raise ValueError("the grammar could not be parsed")
+        if p.grammar:
             self._cand = (L.llama_token_data * n_vocab)()
             raw = (ctypes.c_char * ctypes.sizeof(self._cand)).from_address(ctypes.addressof(self._cand))
             self._cand_np = np.frombuffer(raw, dtype=_TOKEN_DATA, count=n_vocab)
@@ -290,7 +354,17 @@ class SamplerChain:
         else:
             tok = self._sample_with_grammar(ctx, idx)
         self.history.append(tok)
+        if self._lazy is not None and self.grammar is None:
+            self.grammar = self._lazy.after(tok, self._fits)
         return tok
+
+    def _fits(self, grammar, tok: int) -> bool:
+        """Does the grammar accept this token next? (its apply on a one-token candidate list)"""
+        one = self._one
+        one[0].id, one[0].logit, one[0].p = tok, 1.0, 0.0
+        single = L.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
+        L.llama_sampler_apply(grammar, ctypes.byref(single))
+        return bool(np.isfinite(one[0].logit))
 
     def _candidates_from(self, ctx, idx: int):
         logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, idx), shape=(self.n_vocab,))
@@ -322,6 +396,8 @@ class SamplerChain:
         L.llama_sampler_accept(self.chain, tok)
         if self.grammar is not None:
             L.llama_sampler_accept(self.grammar, tok)
+        elif self._lazy is not None:
+            self.grammar = self._lazy.after(tok, self._fits)
         self.history.append(tok)
 
     def close(self):

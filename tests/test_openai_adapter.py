@@ -163,9 +163,16 @@ def test_schema_grammars_keep_control_characters_out_of_strings():
 
 
 def test_tool_call_parsing():
-    calls = toolmod.parse_call('{"name": "add", "arguments": {"a": 1, "b": 2}}')
-    assert calls[0]["function"] == {"name": "add", "arguments": '{"a": 1, "b": 2}'} and calls[0]["id"].startswith("call_")
-    assert toolmod.parse_call('{"name": "add", "argu') is None
+    from adapters.parsing import OutputParser, OutputSpec
+    p = OutputParser(OutputSpec(tool_format="json"))
+    p.feed('{"name": "add", "arguments": {"a": 1, "b": 2}}')
+    p.close()
+    (call,) = [c.openai() for c in p.message.tool_calls]
+    assert call["function"] == {"name": "add", "arguments": '{"a": 1, "b": 2}'} and call["id"].startswith("call_")
+    p = OutputParser(OutputSpec(tool_format="json"))
+    p.feed('{"name": "add", "argu')
+    p.close()
+    assert not p.message.tool_calls and p.message.content == '{"name": "add", "argu'
     assert toolmod.parse_decision('{"tool": "add"}', ["add"]) == "add"
     assert toolmod.parse_decision('{"tool": "none"}', ["add"]) is None
 
