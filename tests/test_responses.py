@@ -25,6 +25,14 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="dummy", max_retries=0, timeout=120)
 
 
+@pytest.fixture(scope="module")
+def chat_client():
+    """SmolLM2-135M-Instruct, a real chat model (ChatML through its own Jinja template), for tool calls and turns."""
+    from tests.test_anthropic import smollm2_path
+    with ServerProcess(smollm2_path(), "--contextsize", "1024", "--jinja") as s:
+        yield openai.OpenAI(base_url=s.url + "/v1", api_key="k", max_retries=0, timeout=120)
+
+
 def test_blocking_and_stream_agree(client):
     kw = dict(model="gpt-x", input="Name three colours.", instructions="Be brief.", max_output_tokens=12,
               temperature=0)
@@ -84,7 +92,8 @@ def test_store_false_is_not_kept(client):
         client.responses.retrieve(r.id)
 
 
-def test_function_call_round_trip(client):
+def test_function_call_round_trip(chat_client):
+    client = chat_client
     ask = [{"role": "user", "content": "What is the weather in Paris?"}]
     r = client.responses.create(model="m", input=ask, tools=WEATHER, max_output_tokens=40,
                                 tool_choice={"type": "function", "name": "get_weather"})
@@ -100,10 +109,10 @@ def test_function_call_round_trip(client):
     # the client runs the tool and sends its output: a plain answer follows, by items and by previous_response_id
     follow = ask + [call.model_dump(exclude_none=True),
                     {"type": "function_call_output", "call_id": call.call_id, "output": "18 degrees and sunny"}]
-    a = client.responses.create(model="m", input=follow, tools=WEATHER, tool_choice="none", max_output_tokens=10,
+    a = client.responses.create(model="m", input=follow, tools=WEATHER, tool_choice="none", max_output_tokens=8,
                                 temperature=0)
     b = client.responses.create(model="m", previous_response_id=r.id, tools=WEATHER, tool_choice="none",
-                                max_output_tokens=10, temperature=0,
+                                max_output_tokens=8, temperature=0,
                                 input=[{"type": "function_call_output", "call_id": call.call_id,
                                         "output": "18 degrees and sunny"}])
     assert a.output[0].type == "message" and a.output_text
@@ -144,18 +153,17 @@ def test_json_schema_format(client):
         assert isinstance(json.loads(r.output_text)["city"], str)
 
 
-def test_chat_model_completes_and_continues():
-    """A real chat model (ChatML through its own Jinja template): the answer ends by itself (status completed),
-    and previous_response_id carries the conversation to the next turn."""
-    from tests.test_anthropic import smollm2_path
-    with ServerProcess(smollm2_path(), "--contextsize", "1024", "--jinja") as s:
-        c = openai.OpenAI(base_url=s.url + "/v1", api_key="k", max_retries=0, timeout=120)
-        first = c.responses.create(model="m", instructions="Answer in one short sentence.", temperature=0,
-                                   input="What is the capital of France?", max_output_tokens=80)
-        assert first.status == "completed" and "Paris" in first.output_text
-        with c.responses.stream(model="m", instructions="Answer in one short sentence.", temperature=0,
-                                input="What is the capital of France?", max_output_tokens=80) as st:
-            assert st.get_final_response().output_text == first.output_text
-        second = c.responses.create(model="m", previous_response_id=first.id, temperature=0, max_output_tokens=80,
-                                    input="And of Italy?")
-        assert second.status == "completed" and second.output_text
+def test_chat_model_completes_and_continues(chat_client):
+    """A real chat model: the answer ends by itself (status completed), streamed = blocking, and
+    previous_response_id carries the conversation to the next turn."""
+    c = chat_client
+    kw = dict(model="m", instructions="Answer in one short sentence.", temperature=0,
+              input="What is the capital of France?", max_output_tokens=80)
+    first = c.responses.create(**kw)
+    assert first.status == "completed" and "Paris" in first.output_text
+    with c.responses.stream(**kw) as st:
+        assert st.get_final_response().output_text == first.output_text
+    second = c.responses.create(model="m", previous_response_id=first.id, temperature=0, max_output_tokens=40,
+                                input="And of Italy?")
+    assert second.status in ("completed", "incomplete") and second.output_text
+    assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
