@@ -290,7 +290,7 @@ def _usage(out: turn.Outcome) -> dict:
     r = out.result
     return {"input_tokens": r.prompt_tokens, "input_tokens_details": {"cached_tokens": r.cached_tokens},
             "output_tokens": r.completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": out.reasoning_tokens},
+            "output_tokens_details": {"reasoning_tokens": min(out.reasoning_tokens, r.completion_tokens)},
             "total_tokens": r.prompt_tokens + r.completion_tokens}
 
 
@@ -342,7 +342,7 @@ def run_blocking(req: Request, runner: JobRunner, store: ResponseStore) -> dict:
     output = []
     if out.reasoning:
         output.append(_reasoning_item(new_id("rs_"), out.reasoning))
-    if out.content or not out.calls:
+    if out.content or not (out.calls or out.reasoning):  # as streamed: no empty message after reasoning or calls
         output.append(_message_item(new_id("msg_"), out.content))
     for c in out.calls:
         output.append(_call_item(new_id("fc_"), c.id, c.name, c.arguments))

@@ -198,3 +198,22 @@ def test_chat_model_ends_its_turn(chat_client):
     with c.messages.stream(**kw) as st:
         final = st.get_final_message()
     assert final.content[0].text == m.content[0].text and final.stop_reason == "end_turn"
+
+
+def test_reasoning_becomes_thinking_blocks():
+    """A preset whose generation prompt opens <think> (DeepSeek-R1) makes everything the tiny model writes
+    reasoning: it comes back as a thinking block (with a signature), blocking and streamed alike."""
+    from tests.tinymodel import tiny_model_path
+    with ServerProcess(tiny_model_path(), "--contextsize", "256", "--chatcompletionsadapter", "DeepSeek-R1") as s:
+        c = anthropic.Anthropic(base_url=s.url, api_key="k", max_retries=0)
+        kw = dict(model="m", max_tokens=8, messages=ASK, extra_body={"temperature": 0, "top_k": 1})
+        m = c.messages.create(**kw)
+        assert [b.type for b in m.content] == ["thinking"] and m.content[0].thinking and m.content[0].signature
+        with c.messages.stream(**kw) as st:
+            final = st.get_final_message()
+        assert final.content[0].type == "thinking" and final.content[0].thinking == m.content[0].thinking
+        assert final.content[0].signature == m.content[0].signature
+        # thinking blocks sent back in the history are accepted (and left out of the prompt)
+        follow = ASK + [{"role": "assistant", "content": [b.model_dump() for b in m.content] + [
+            {"type": "text", "text": "Red, green, blue."}]}, {"role": "user", "content": "More?"}]
+        assert c.messages.create(model="m", max_tokens=2, messages=follow).type == "message"

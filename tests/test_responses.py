@@ -167,3 +167,26 @@ def test_chat_model_completes_and_continues(chat_client):
                                 input="And of Italy?")
     assert second.status in ("completed", "incomplete") and second.output_text
     assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
+
+
+def test_reasoning_item():
+    """A preset whose generation prompt opens <think> (DeepSeek-R1) makes everything the tiny model writes
+    reasoning: a reasoning item, blocking and streamed alike, and reasoning items in `input` are accepted."""
+    from tests.tinymodel import tiny_model_path
+    with ServerProcess(tiny_model_path(), "--contextsize", "256", "--chatcompletionsadapter", "DeepSeek-R1") as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="k", max_retries=0)
+        kw = dict(model="m", input="Hi", max_output_tokens=8, temperature=0, reasoning={"effort": "high"})
+        r = c.responses.create(**kw)
+        assert [o.type for o in r.output] == ["reasoning"] and r.output[0].content[0].text
+        assert 0 < r.usage.output_tokens_details.reasoning_tokens <= r.usage.output_tokens
+        with c.responses.stream(**kw) as st:
+            events = list(st)
+        final = events[-1].response
+        assert [o.type for o in final.output] == ["reasoning"]
+        assert final.output[0].content[0].text == r.output[0].content[0].text
+        assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == \
+            r.output[0].content[0].text
+        again = c.responses.create(model="m", max_output_tokens=2, input=[
+            {"role": "user", "content": "Hi"}, r.output[0].model_dump(exclude_none=True),
+            {"role": "user", "content": "More?"}])
+        assert again.object == "response"
