@@ -3,10 +3,11 @@ messages and a template request, run through the shared chat pipeline, the turn 
 (thinking, text, tool_use) or streamed as Anthropic's event sequence."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Iterator, List, Optional
 
-from gguf_loader.jobs import BudgetError, GenRequest, token_budget
+from gguf_loader.jobs import GenRequest
 
 from . import chat, fields as F, tools as toolmod, turn
 from .chat import Context, Plan, new_id
@@ -188,10 +189,6 @@ def parse(body, ctx: Context, count_only: bool = False) -> tuple:
         if not count_only:
             raise _bad("'max_tokens' is required", "max_tokens")
         max_tokens = 1
-    try:
-        token_budget(eng.n_ctx, None, max_tokens)
-    except BudgetError as e:
-        raise _bad(e.describe("max_tokens"), "max_tokens")
     messages = parse_messages(b.data)
     tools, choice, parallel = parse_tools(b.data)
     thinking = _thinking(b)
@@ -209,14 +206,17 @@ def parse(body, ctx: Context, count_only: bool = False) -> tuple:
             raise _bad("'output_config.format' cannot be combined with tool use; use tool_choice none",
                        "output_config")
         sampling.grammar = grammar
-    template = GenRequest(prompt="", max_length=max_tokens, max_context_length=eng.n_ctx, sampling=sampling,
-                          stop=stops, trim_stop=True)
-    plan = Plan("chat", [], ctx.model_name, new_id("msg_"), stream=b.bool("stream"))
     opts = _pipeline_options(parallel, thinking, effort)
-    plan = chat.plan_chat(plan, ctx, messages, adapter, template, [None], tools, choice, jinja=ctx.use_jinja,
-                          tool_temperature=sampling.temperature if "temperature" in picked
-                          else float(adapter.get("temperature", 0.5)), **opts)
-    return plan, stops
+    stream, rid = b.bool("stream"), new_id("msg_")
+
+    def plan_with(max_new: int) -> Plan:
+        template = GenRequest(prompt="", max_length=max_new, max_context_length=eng.n_ctx,
+                              sampling=dataclasses.replace(sampling), stop=stops, trim_stop=True)
+        plan = Plan("chat", [], ctx.model_name, rid, stream=stream)
+        return chat.plan_chat(plan, ctx, messages, adapter, template, [None], tools, choice, jinja=ctx.use_jinja,
+                              tool_temperature=sampling.temperature if "temperature" in picked
+                              else float(adapter.get("temperature", 0.5)), **opts)
+    return turn.plan_capped(eng.n_ctx, eng, max_tokens, plan_with), stops
 
 
 def _pipeline_options(parallel: bool, thinking: Optional[dict], effort: Optional[str]) -> dict:

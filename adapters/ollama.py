@@ -110,6 +110,9 @@ def show(body, ctx: Context, model_path: str) -> dict:
                                                          ("rep_pen", "repeat_penalty")) if key in adapter]
     params.append(f"num_ctx {eng.n_ctx}")
     caps = ["completion", "tools"]
+    tmpl = eng.chat_template or ""
+    if adapter.get("think_start") or "<think>" in tmpl or "enable_thinking" in tmpl:
+        caps.append("thinking")  # the chat pipeline returns it apart (message.thinking)
     if all(k in eng.fim_tokens() for k in ("pre", "suf", "mid")):
         caps.append("insert")
     try:

@@ -4,6 +4,7 @@ parsed once into normalised chat messages, run through the shared chat pipeline,
 memory (bounded, expiring) so `previous_response_id` can continue a conversation."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -236,10 +237,11 @@ def parse(body, ctx: Context, store: ResponseStore) -> Request:
                 else []) + conversation
     n = b.int("max_output_tokens", None, 1, None)
     max_new = n if n is not None else int(adapter.get("max_length") or ctx.default_max_length)
-    try:
-        token_budget(eng.n_ctx, None, max_new)
-    except BudgetError as e:
-        raise _bad(e.describe("max_output_tokens"), "max_output_tokens")
+    if n is None:  # the server's default must fit; an explicit value is an upper bound (turn.plan_capped)
+        try:
+            token_budget(eng.n_ctx, None, max_new)
+        except BudgetError:
+            max_new = eng.n_ctx
     sampling = F.sampling(F.Body({k: b.data[k] for k in ("temperature", "top_p") if b.data.get(k) is not None}),
                           eng.n_vocab, strict=True,
                           defaults={k: adapter[k] for k in ("temperature", "top_k", "top_p", "min_p", "rep_pen")
@@ -255,13 +257,17 @@ def parse(body, ctx: Context, store: ResponseStore) -> Request:
     meta = b.raw("metadata")
     if meta is not F.MISSING and not isinstance(meta, dict):
         raise _bad("'metadata' must be an object", "metadata")
-    template = GenRequest(prompt="", max_length=max_new, max_context_length=eng.n_ctx, sampling=sampling,
-                          trim_stop=True)
-    plan = Plan("chat", [], ctx.model_name, new_id("resp_"), stream=b.bool("stream"))
     opts = _pipeline_options(parallel, effort)
-    plan = chat.plan_chat(plan, ctx, messages, adapter, template, [None], tools, choice, jinja=ctx.use_jinja,
-                          tool_temperature=sampling.temperature if b.raw("temperature") is not F.MISSING
-                          else float(adapter.get("temperature", 0.5)), **opts)
+    stream, rid = b.bool("stream"), new_id("resp_")
+
+    def plan_with(max_length: int) -> Plan:
+        template = GenRequest(prompt="", max_length=max_length, max_context_length=eng.n_ctx,
+                              sampling=dataclasses.replace(sampling), trim_stop=True)
+        plan = Plan("chat", [], ctx.model_name, rid, stream=stream)
+        return chat.plan_chat(plan, ctx, messages, adapter, template, [None], tools, choice, jinja=ctx.use_jinja,
+                              tool_temperature=sampling.temperature if b.raw("temperature") is not F.MISSING
+                              else float(adapter.get("temperature", 0.5)), **opts)
+    plan = turn.plan_capped(eng.n_ctx, eng, max_new, plan_with)
     echo = {"instructions": instructions if isinstance(instructions, str) else None, "max_output_tokens": n,
             "previous_response_id": prev_id if isinstance(prev_id, str) else None,
             "temperature": sampling.temperature, "top_p": sampling.top_p,

@@ -4,7 +4,7 @@ streamed as it comes and summed up at the end. The only place those dialects rea
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, List, Union
+from typing import Callable, Iterator, List, Union
 
 from gguf_loader.jobs import Result
 
@@ -38,6 +38,22 @@ class Outcome:
     reasoning: str = ""
     calls: List[Call] = field(default_factory=list)
     reasoning_tokens: int = 0
+
+
+def prompt_tokens(engine, req) -> int:
+    return len(req.prompt) if isinstance(req.prompt, list) else len(engine.tokenize(req.memory + req.prompt))
+
+
+def plan_capped(n_ctx: int, engine, requested: int, plan_with: Callable[[int], Plan]) -> Plan:
+    """Anthropic's max_tokens and Responses' max_output_tokens are upper bounds, and agents send large ones
+    (Claude Code asks for 32000 whatever the context): a request that cannot fit gets what the context leaves
+    after its prompt (a quarter of the context when the prompt leaves less; the prompt is then trimmed from the
+    front). A request that fits gets exactly what it asked for, as in every other dialect."""
+    if requested < n_ctx:
+        return plan_with(requested)
+    plan = plan_with(max(1, n_ctx // 4))  # any size that fits, to measure the prompt
+    room = n_ctx - max(prompt_tokens(engine, r) for r in plan.requests)
+    return plan_with(room if room >= 64 else max(1, n_ctx // 4))
 
 
 def start(plan: Plan, runner: JobRunner) -> Iterator[Union[Piece, Outcome]]:

@@ -133,7 +133,7 @@ def test_input_tokens(client, server):
     ({"input": [{"type": "item_reference", "id": "x"}]}, "input"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
     ({"input": "x", "tools": WEATHER, "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
-    ({"input": "x", "max_output_tokens": 10 ** 6}, "max_output_tokens"),
+    ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
     ({"input": "x", "temperature": "hot"}, "temperature"),
     ({"input": "x", "text": {"format": {"type": "yaml"}}}, "text"),
     ({"input": "x", "reasoning": {"effort": "enormous"}}, "reasoning"),
@@ -186,6 +186,9 @@ def test_reasoning_item():
         assert final.output[0].content[0].text == r.output[0].content[0].text
         assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == \
             r.output[0].content[0].text
+        # an upper bound far beyond the 256-token context: the reply fills what the prompt leaves
+        big = c.responses.create(model="m", input="Hi", max_output_tokens=10 ** 6, reasoning={"effort": "none"})
+        assert big.status == "incomplete" and big.usage.input_tokens + big.usage.output_tokens == 256
         again = c.responses.create(model="m", max_output_tokens=2, input=[
             {"role": "user", "content": "Hi"}, r.output[0].model_dump(exclude_none=True),
             {"role": "user", "content": "More?"}])
