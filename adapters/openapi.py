@@ -420,7 +420,8 @@ _A_BLOCK = {"anyOf": [
           "content": {"anyOf": [_STR, _arr(_A_TEXT)]}, "is_error": _BOOL}, ["type", "tool_use_id"]),
     _obj({"type": {"enum": ["thinking", "redacted_thinking"]}}, ["type"])]}
 _ANTHROPIC_BODY = _obj({
-    "model": _STR, "max_tokens": {"type": "integer", "minimum": 1, "description": "required; below the context"},
+    "model": _STR, "max_tokens": {"type": "integer", "minimum": 1, "description": "required; an upper bound (capped to "
+                                                                    "what the context leaves after the prompt)"},
     "system": {"anyOf": [_STR, _arr(_A_TEXT)]},
     "messages": _arr(_obj({"role": {"enum": ["user", "assistant"]},
                            "content": {"anyOf": [_STR, _arr(_A_BLOCK)]}}, ["role", "content"]), minItems=1),
@@ -448,7 +449,8 @@ _R_ITEM = {"anyOf": [
     _obj({"type": {"const": "reasoning"}}, ["type"])]}
 _RESPONSES_BODY = _obj({
     "model": _STR, "input": {"anyOf": [_STR, _arr(_R_ITEM, minItems=1)]}, "instructions": _STR,
-    "max_output_tokens": {"type": "integer", "minimum": 1, "description": "must be below the context size"},
+    "max_output_tokens": {"type": "integer", "minimum": 1, "description": "an upper bound (capped to what the "
+                                                                          "context leaves after the prompt)"},
     "temperature": {"type": "number", "minimum": 0}, "top_p": _UNIT, "stream": _BOOL, "store": _BOOL,
     "previous_response_id": _STR,
     "tools": _arr(_obj({"type": {"const": "function"}, "name": {"type": "string", "minLength": 1},
