@@ -100,7 +100,8 @@ def show(body, ctx: Context, model_path: str) -> dict:
     _model_name(body)
     eng = ctx.engine
     facts = eng.model_facts()
-    info = {k: _meta_value(v) for k, v in eng.metadata.items() if k not in _ARRAY_KEYS and k != "tokenizer.chat_template"}
+    info = {k: _meta_value(v) for k, v in eng.metadata.items()
+            if k not in _ARRAY_KEYS and k != "tokenizer.chat_template"}
     info["general.parameter_count"] = facts["n_params"]
     adapter = ctx.adapter
     template = eng.chat_template if ctx.use_jinja and eng.chat_template else _go_template(adapter)
