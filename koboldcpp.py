@@ -85,9 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chatcompletionsadapter", default=None,
                    help="instruct template for chat: a preset name, a JSON file, or AutoGuess (default Alpaca)")
     p.add_argument("--jinja", action="store_true", help="render chat with the model's own jinja chat template")
+    p.add_argument("--reasoningformat", choices=("separate", "none", "drop"), default="separate",
+                   help="a model's thinking in chat replies: separate (reasoning_content / thinking), none (left in "
+                        "the text), drop (removed)")
     p.add_argument("--embeddingsmodel", default=None, help="separate GGUF model for /v1/embeddings")
     p.add_argument("--rerankmodel", default=None, metavar="FILE",
                    help="reranker GGUF (e.g. bge-reranker, Qwen3-Reranker) for /v1/rerank, loaded with rank pooling")
+    p.add_argument("--mmproj", default=None, help="vision/audio projector (mmproj GGUF) made for the model")
+    p.add_argument("--visionmaxres", type=_int_range(64, 8192, "--visionmaxres"), default=1024,
+                   help="scale images down so their longest side is at most this many pixels")
+    p.add_argument("--allowremotemedia", action="store_true",
+                   help="let clients send http(s) image URLs (fetched with size/time limits, public addresses only)")
     p.add_argument("--sdurl", default=None, help="Automatic1111 server for /v1/images/generations (or SD_WEBUI_URL)")
     p.add_argument("--maxrequestsize", type=_int_range(1, 1024, "--maxrequestsize"), default=32, help="request body limit in MB")
     p.add_argument("--preloadstory", default=None, help="story JSON served at /api/extra/preloadstory")
@@ -260,7 +268,7 @@ def _chat_context(args, engine, model_name):
         print("--jinja: the model has no chat template; using the instruct adapter instead.")
     print(f"Chat completions adapter: {name}" + (" (--jinja: chat uses the model's own template)" if jinja else ""))
     return chat.Context(engine=engine, model_name=model_name, adapter_name=name, adapter=adapter, use_jinja=jinja,
-                        default_max_length=args.defaultgenamt)
+                        default_max_length=args.defaultgenamt, reasoning_format=args.reasoningformat)
 
 
 def _banner(args, state, url, host, threads, max_queue, model_path):
@@ -296,6 +304,13 @@ def serve(args: argparse.Namespace) -> int:
                 gguf_loader.inspect(args.rerankmodel)
             except gguf_loader.GGUFError as e:
                 raise gguf_loader.GGUFError(f"--rerankmodel: {e}")
+        if args.mmproj:
+            from gguf_loader.inspect import inspect_projector
+            try:
+                proj = inspect_projector(args.mmproj, info.n_embd)
+            except gguf_loader.GGUFError as e:
+                raise gguf_loader.GGUFError(f"--mmproj: {e}")
+            print(f"Projector: {proj.describe()}")
         preload = read_json_file(args.preloadstory, "--preloadstory file") if args.preloadstory else None
     except (gguf_loader.GGUFError, ArgError) as e:
         return _err(str(e))
@@ -321,7 +336,8 @@ def serve(args: argparse.Namespace) -> int:
                        n_gpu_layers=args.gpulayers, flash_attn=args.flashattention, use_mmap=args.usemmap,
                        use_mlock=args.usemlock, n_slots=args.parallelrequests, max_queue=max_queue,
                        fastforward=not args.nofastforward, contextshift=not args.noshift, quiet=args.quiet,
-                       embedding_model_path=args.embeddingsmodel, rerank_model_path=args.rerankmodel)
+                       embedding_model_path=args.embeddingsmodel, rerank_model_path=args.rerankmodel,
+                       mmproj_path=args.mmproj)
     print(f"Loading {model_path} ...", flush=True)
     try:
         engine = Engine(cfg)
@@ -346,11 +362,16 @@ def serve(args: argparse.Namespace) -> int:
         httpd.server_close()
         engine.close()
         return _err(str(e))
+    from adapters.media import MediaPolicy
+    media = MediaPolicy(vision=engine.vision, audio=engine.audio, max_res=args.visionmaxres,
+                        allow_remote=args.allowremotemedia, max_bytes=min(args.maxrequestsize * 1024 * 1024,
+                                                                          20 * 1024 * 1024))
+    chat.media = media
     httpd.state = ServerState(
         engine=engine, model_name=model_name, password=args.password or None,
         max_body=args.maxrequestsize * 1024 * 1024, quiet=args.quiet,
         defaults=kobold.GenDefaults(max_length=args.defaultgenamt, max_context_length=engine.n_ctx,
-                                    n_vocab=engine.n_vocab, instruct_tags=chat.adapter),
+                                    n_vocab=engine.n_vocab, instruct_tags=chat.adapter, media=media),
         chat=chat, program_version=PROGRAM_VERSION, preloadstory=preload,
         sdurl=args.sdurl or os.environ.get("SD_WEBUI_URL") or None, api_version=VERSION)
 

@@ -34,8 +34,8 @@ def _text_of(content, where: str) -> str:
         if not isinstance(blk, dict) or blk.get("type") not in ("text", "image", "document"):
             raise _bad(f"{where}[{j}] must be a text block")
         if blk["type"] != "text":
-            raise _bad(f"{where}[{j}] is a{'n image' if blk['type'] == 'image' else ' document'} block, but the "
-                       f"loaded model has no vision projector; send text only")
+            raise _bad(f"{where}[{j}] is a{'n image' if blk['type'] == 'image' else ' document'} block; "
+                       f"/v1/messages takes text only (images go through /v1/chat/completions with --mmproj)")
         if not isinstance(blk.get("text"), str):
             raise _bad(f"{where}[{j}].text must be a string")
         out.append(F.clean_text(blk["text"]))
@@ -77,8 +77,8 @@ def parse_messages(body: dict) -> List[dict]:
                     raise _bad(f"{bw}.text must be a string")
                 texts.append(F.clean_text(blk["text"]))
             elif kind in ("image", "document"):
-                raise _bad(f"{bw} is a{'n image' if kind == 'image' else ' document'} block, but the loaded model "
-                           f"has no vision projector; send text only")
+                raise _bad(f"{bw} is a{'n image' if kind == 'image' else ' document'} block; /v1/messages takes "
+                           f"text only (images go through /v1/chat/completions with --mmproj)")
             elif kind == "tool_use" and role == "assistant":
                 if not isinstance(blk.get("name"), str) or not blk["name"] or not isinstance(blk.get("id"), str):
                     raise _bad(f"{bw}: a tool_use block needs a string 'id' and 'name'")

@@ -7,10 +7,12 @@ from typing import Iterator, Optional
 
 from gguf_loader.jobs import GenRequest, Job, Result
 
-from . import fields as F, instruct, sse
+from . import fields as F, instruct, media as mediamod, sse
 from .logprobs import chat_logprobs, completion_logprobs
 from .errors import BadRequest
+from .parsing import OutputParser, OutputSpec
 from .run import JobRunner, check, finish_reason
+
 
 @dataclass
 class GenDefaults:
@@ -19,6 +21,7 @@ class GenDefaults:
     max_context_length: int = 8192  # the server's context
     n_vocab: int = 0  # 0 = unknown: token ids are not range-checked
     instruct_tags: Optional[dict] = None  # server chat adapter tags for placeholders (None: Alpaca)
+    media: Optional[object] = None  # adapters.media.MediaPolicy (None: no images/audio accepted)
 
 
 def _instruct_tags(b: F.Body, defaults: GenDefaults) -> dict:
@@ -55,9 +58,16 @@ def parse_generate(body, defaults: GenDefaults) -> GenRequest:
         memory = instruct.replace_placeholders(memory, tags)
         stops = [s for s in (instruct.replace_placeholders(s, tags) for s in stops) if s]
     logprobs, top = _logprobs(b)
+    policy = defaults.media or mediamod.MediaPolicy()
+    media = mediamod.base64_list(b.data.get("images"), policy, "image", "images")
+    media += mediamod.base64_list(b.data.get("audio"), policy, "audio", "audio")
+    mediamod.check_count(len(media), policy, "images")
+    # as in KoboldCpp, media go right after memory, before the story text
+    prompt = mediamod.placeholders(media) + mediamod.strip_markers(prompt)
     return GenRequest(
         prompt=prompt,
-        memory=memory,
+        memory=mediamod.strip_markers(memory),
+        media=media,
         max_length=max_length,
         max_context_length=max_context_length,
         sampling=F.sampling(b, defaults.n_vocab),
@@ -120,15 +130,38 @@ def logprobs_object(lps) -> Optional[dict]:
     return {"content": chat_logprobs(lps)["content"], **completion_logprobs(lps)}
 
 
-def generate_response(result: Result) -> dict:
-    return {"results": [{
+def output_spec(body, defaults: GenDefaults) -> Optional[OutputSpec]:
+    """`reasoning_format` on native bodies: absent or "none" leaves the text as generated (KoboldCpp's clients,
+    Kobold Lite and SillyTavern, handle a <think> block themselves); "separate" moves a leading reasoning block to
+    `reasoning_content`, "drop" removes it. The tags are the server adapter's (else <think></think>)."""
+    if not isinstance(body, dict) or body.get("reasoning_format") in (None, "none"):
+        return None
+    rf = body["reasoning_format"]
+    if rf not in ("separate", "drop"):
+        raise BadRequest("'reasoning_format' must be \"none\", \"separate\" or \"drop\"", param="reasoning_format")
+    tags = defaults.instruct_tags or {}
+    start, end = (tags.get("think_start"), tags.get("think_end")) if tags.get("think_start") else ("<think>",
+                                                                                                 "</think>")
+    return OutputSpec(think_start=start, think_end=end, reasoning=rf,
+                      think_open=bool(body.get("prompt", "")) and str(body.get("prompt")).rstrip().endswith(start))
+
+
+def generate_response(result: Result, spec: Optional[OutputSpec] = None) -> dict:
+    out = {
         "text": result.text,
         "finish_reason": finish_reason(result),
         "logprobs": logprobs_object(result.logprobs),
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens,
         "tool_calls": [],
-    }]}
+    }
+    if spec is not None:
+        p = OutputParser(spec)
+        p.feed(result.text)
+        p.close()
+        out["text"] = p.message.content
+        out["reasoning_content"] = p.message.reasoning
+    return {"results": [out]}
 
 
 def stream_token(text: str) -> bytes:
@@ -139,17 +172,31 @@ def stream_end(result: Result) -> bytes:
     return sse.event({"token": "", "finish_reason": finish_reason(result)}, "message")
 
 
-def stream(runner: JobRunner, job: Job) -> Iterator[bytes]:
+def stream(runner: JobRunner, job: Job, spec: Optional[OutputSpec] = None) -> Iterator[bytes]:
     """KoboldCpp's SSE stream. Nothing is yielded before the first event, so a job that fails at once still
-    answers a JSON error instead of an empty stream."""
+    answers a JSON error instead of an empty stream. With a reasoning spec, reasoning pieces come as
+    {"token": "", "reasoning_content": ...} events."""
     sent = False
+    parser = OutputParser(spec) if spec is not None else None
+
+    def pieces(d):
+        if d.reasoning:
+            yield sse.event({"token": "", "reasoning_content": d.reasoning, "finish_reason": None}, "message")
+        if d.content:
+            yield stream_token(d.content)
+
     for ev in runner.follow(job):
         if ev.kind == "text" and ev.text:
             sent = True
-            yield stream_token(ev.text)
+            if parser is None:
+                yield stream_token(ev.text)
+            else:
+                yield from pieces(parser.feed(ev.text))
         elif ev.kind == "done":
             if not sent:
                 check(ev.result)
+            if parser is not None:
+                yield from pieces(parser.close())
             yield stream_end(ev.result)
 
 
@@ -174,6 +221,8 @@ def perf_response(perf: dict, quiet: bool) -> dict:
         "last_eval_speed": round(n_out / et, 2) if et > 0 else 0,
         "last_seed": g("last_seed", 0),
         "last_cached_tokens": g("last_cached_tokens", 0),
+        "last_media_tokens": g("last_media_tokens", 0),  # image/audio embeddings among the input tokens
+        "last_encode_time": round(g("last_encode_time", 0.0), 4),  # seconds the projector encoded media
         "last_draft_success": 0,
         "last_draft_failed": 0,
         "total_gens": g("total_gens", 0),

@@ -11,7 +11,7 @@ from typing import Iterator, List, Optional
 
 from gguf_loader.jobs import BudgetError, GenRequest, token_budget
 
-from . import chat, fields as F, instruct, tools as toolmod
+from . import chat, fields as F, instruct, media as mediamod, tools as toolmod
 from .chat import Context, Plan
 from .errors import ApiError, BadRequest
 from .run import JobRunner, finish_reason
@@ -226,15 +226,25 @@ def _template(b: F.Body, ctx: Context, adapter: dict, extra_stops: List[str]) ->
                       stop=stops + extra_stops, trim_stop=True)
 
 
-def _no_images(obj: dict, where: str):
-    if obj.get("images"):
-        raise _bad(f"{where} has images, but the loaded model has no vision projector; send text only", "images")
+def _images(obj: dict, where: str, ctx: Context, media: list) -> str:
+    """`images` (base64 strings) -> media items appended to `media`; returns their markers for the text."""
+    v = obj.get("images")
+    if not v:
+        return ""
+    policy = getattr(ctx, "media", None) or mediamod.MediaPolicy()
+    if not isinstance(v, list):
+        raise _bad(f"{where}: 'images' must be an array of base64 strings", "images")
+    items = mediamod.base64_list(v, policy, "image", "images")
+    media += items
+    mediamod.check_count(len(media), policy, "images")
+    return mediamod.placeholders(items)
 
 
 def parse_generate(body, ctx: Context) -> Plan:
     b = F.Body(body)
-    prompt, system = b.str("prompt"), b.str("system")
-    _no_images(b.data, "the request")
+    prompt, system = mediamod.strip_markers(b.str("prompt")), mediamod.strip_markers(b.str("system"))
+    media: list = []
+    prompt = _images(b.data, "the request", ctx, media) + prompt
     adapter = chat.request_adapter(ctx, b.data.get("adapter"))
     context = F.token_ids("context", b.data.get("context") or [], ctx.engine.n_vocab)
     history = ctx.engine.detokenize(context) if context else ""
@@ -248,26 +258,27 @@ def parse_generate(body, ctx: Context) -> Plan:
                 + history + t(adapter, "user_start") + prompt + t(adapter, "user_end") + t(adapter, "assistant_gen"))
         stops = instruct.chat_stops(adapter)
     template = _template(b, ctx, adapter, stops)
+    template.media = media
     plan = Plan("completion", [], ctx.model_name, "", stream=b.bool("stream", True))
     plan.requests = chat.for_choices(template, instruct.ChatPrompt(prompt=text), [None])
     return plan
 
 
-def _messages(msgs) -> List[dict]:
+def _messages(msgs, ctx: Context = None, media: list = None) -> List[dict]:
     if not isinstance(msgs, list) or not msgs:
         raise _bad("'messages' must be a non-empty array", "messages")
     out = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise _bad(f"messages[{i}] must be an object", "messages")
-        _no_images(m, f"messages[{i}]")
         role = m.get("role")
         if role not in ("system", "user", "assistant", "tool"):
             raise _bad(f"messages[{i}].role must be system, user, assistant or tool, got {role!r}", "messages")
         content = m.get("content")
         if content is not None and not isinstance(content, str):
             raise _bad(f"messages[{i}].content must be a string", "messages")
-        mm = {"role": role, "content": F.clean_text(content or "")}
+        marks = _images(m, f"messages[{i}]", ctx, media if media is not None else [])
+        mm = {"role": role, "content": marks + F.clean_text(mediamod.strip_markers(content or ""))}
         calls = m.get("tool_calls")
         if calls:
             if not isinstance(calls, list):
@@ -300,10 +311,12 @@ def _think(b: F.Body) -> dict:
 
 def parse_chat(body, ctx: Context) -> Plan:
     b = F.Body(body)
-    messages = _messages(b.data.get("messages"))
+    media: list = []
+    messages = _messages(b.data.get("messages"), ctx, media)
     adapter = chat.request_adapter(ctx, b.data.get("adapter"))
     tools, choice = toolmod.validate_tools(b.data.get("tools") or None, None)
     template = _template(b, ctx, adapter, [])
+    template.media = media
     plan = Plan("chat", [], ctx.model_name, "", stream=b.bool("stream", True))
     return chat.plan_chat(plan, ctx, messages, adapter, template, [None], tools, choice,
                           jinja=ctx.use_jinja and b.data.get("adapter") is None, **_think(b))

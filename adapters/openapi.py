@@ -146,7 +146,8 @@ SCHEMAS = {
     "GenerateResponse": _obj({"results": _arr(_obj({
         "text": _STR, "finish_reason": {"enum": ["stop", "length"]},
         "logprobs": {"anyOf": [_ref("KoboldLogprobs"), {"type": "null"}]},
-        "prompt_tokens": _NN_INT, "completion_tokens": _NN_INT, "tool_calls": {"type": "array"}},
+        "prompt_tokens": _NN_INT, "completion_tokens": _NN_INT, "tool_calls": {"type": "array"},
+        "reasoning_content": _STR},
         ["text", "finish_reason"]), minItems=1)}, ["results"]),
     "CheckResponse": _obj({"results": _arr(_obj({"text": _STR}, ["text"]), minItems=1)}, ["results"]),
     "AbortResponse": _obj({"success": {"enum": ["true", "false"]}, "done": {"enum": ["true", "false"]}},
@@ -183,7 +184,8 @@ SCHEMAS = {
         "choices": _arr(_obj({
             "index": _NN_INT,
             "message": _obj({"role": {"const": "assistant"}, "content": _NULLABLE_STR,
-                             "refusal": _NULLABLE_STR, "tool_calls": _arr(_TOOL_CALL)}, ["role", "content"]),
+                             "refusal": _NULLABLE_STR, "tool_calls": _arr(_TOOL_CALL),
+                             "reasoning_content": _STR}, ["role", "content"]),
             "finish_reason": {"enum": ["stop", "length", "tool_calls", "content_filter", "function_call"]},
             "logprobs": {"anyOf": [{"type": "null"}, _obj({
                 "content": {"type": ["array", "null"], "items": _TOKEN_LOGPROB},
@@ -278,7 +280,7 @@ _OLLAMA_FINAL = {"model": _STR, "created_at": _STR, "done": _BOOL, "done_reason"
 SCHEMAS["OllamaGenerate"] = _obj({**_OLLAMA_FINAL, "response": _STR, "context": _arr(_INT)},
                                  ["model", "created_at", "response", "done"])
 SCHEMAS["OllamaChat"] = _obj({**_OLLAMA_FINAL, "message": _obj({
-    "role": {"const": "assistant"}, "content": _STR,
+    "role": {"const": "assistant"}, "content": _STR, "thinking": _STR,
     "tool_calls": _arr(_obj({"function": _obj({"name": _STR, "arguments": {"type": "object"}},
                                               ["name", "arguments"])}, ["function"]))}, ["role", "content"])},
     ["model", "created_at", "message", "done"])
@@ -310,6 +312,8 @@ _NATIVE = {
     "banned_tokens": _arr(_STR, maxItems=768), "ban_eos_token": _BOOL, "bypass_eos": _BOOL,
     "stop_sequence": _arr(_STR, maxItems=256), "trim_stop": _BOOL, "render_special": _BOOL,
     "replace_instruct_placeholders": _BOOL, "adapter": _ADAPTER,
+    "reasoning_format": {"enum": ["none", "separate", "drop"],
+                         "description": "separate: a leading <think> block goes to reasoning_content"},
     "logprobs": {"anyOf": [_BOOL, {"type": "integer", "minimum": 0, "maximum": 20}]},
     "genkey": {"type": "string", "maxLength": 128}, "quiet": _BOOL,
 }
@@ -348,7 +352,10 @@ _CHAT_BODY = _obj({
     "tool_choice": {"anyOf": [{"enum": ["none", "auto", "required"]},
                               _obj({"type": {"const": "function"}, "function": _obj({"name": _STR}, ["name"])},
                                    ["function"])]},
-    "continue_assistant_turn": _BOOL},
+    "continue_assistant_turn": _BOOL, "parallel_tool_calls": _BOOL,
+    "reasoning_effort": {"enum": ["none", "minimal", "low", "medium", "high", None]},
+    "chat_template_kwargs": {"type": ["object", "null"], "description": "variables for the model's template (--jinja)"},
+    "reasoning_format": {"enum": ["separate", "auto", "deepseek", "none", "raw", "drop", "hidden", None]}},
     ["messages"], description="Every native KoboldCpp sampler field is accepted too.")
 _PROMPT = {"anyOf": [_STR, _arr(_STR, minItems=1), _TOKEN_IDS, _arr(_TOKEN_IDS, minItems=1)]}
 _COMPLETION_BODY = _obj({
@@ -387,7 +394,8 @@ _OLLAMA_CHAT_BODY = _obj({"messages": _arr(_obj({
     "role": {"enum": ["system", "user", "assistant", "tool"]}, "content": _STR,
     "tool_calls": _arr(_obj({"function": _obj({"name": _STR, "arguments": {"type": "object"}}, ["name"])},
                             ["function"]))}, ["role", "content"]), minItems=1),
-    "tools": _arr(_TOOL), **_OLLAMA_COMMON}, ["messages"])
+    "tools": _arr(_TOOL), "think": {"anyOf": [_BOOL, {"enum": ["low", "medium", "high"]}]}, **_OLLAMA_COMMON},
+    ["messages"])
 
 _OLLAMA_MODEL = {"model": _STR, "name": {"type": "string", "description": "older name of 'model'"}}
 _OLLAMA_SHOW_BODY = _obj({**_OLLAMA_MODEL, "verbose": _BOOL})
@@ -534,6 +542,7 @@ SCHEMAS["ChatCompletionChunk"] = _obj({
     "choices": _arr(_obj({
         "index": _NN_INT,
         "delta": _obj({"role": {"const": "assistant"}, "content": _NULLABLE_STR, "refusal": _NULLABLE_STR,
+                       "reasoning_content": _STR,
                        "tool_calls": _arr(_obj({"index": _NN_INT, "id": _STR, "type": {"const": "function"},
                                                 "function": _obj({"name": _STR, "arguments": _STR})},
                                                ["index"]))}),
@@ -547,7 +556,8 @@ SCHEMAS["TextCompletionChunk"] = _obj({
                           "logprobs": {"anyOf": [{"type": "null"}, _COMPLETION_LOGPROBS]}}, ["index", "text"])),
     "usage": {"anyOf": [{"type": "null"}, _USAGE]}}, ["id", "object", "created", "model", "choices"])
 SCHEMAS["KoboldStreamEvent"] = _sse(
-    _obj({"token": _STR, "finish_reason": {"enum": ["stop", "length", None]}}, ["token", "finish_reason"]),
+    _obj({"token": _STR, "finish_reason": {"enum": ["stop", "length", None]}, "reasoning_content": _STR},
+         ["token", "finish_reason"]),
     "event: message; the last event has finish_reason set", event="message")
 SCHEMAS["ChatCompletionEvent"] = _sse(_or_error(_ref("ChatCompletionChunk")),
                                       "with stream: true; data: [DONE] ends the stream", done=True)

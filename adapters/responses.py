@@ -96,8 +96,8 @@ def _parts_text(content, where: str) -> str:
         elif kind == "refusal":
             out.append(p.get("refusal") if isinstance(p.get("refusal"), str) else "")
         elif kind in ("input_image", "input_file", "input_audio"):
-            raise _bad(f"{where}[{j}] is an {kind[6:]} part, but the loaded model has no vision/audio projector; "
-                       f"send text only", "input")
+            raise _bad(f"{where}[{j}] is an {kind[6:]} part; /v1/responses takes text only (images and audio go "
+                       f"through /v1/chat/completions with --mmproj)", "input")
         else:
             raise _bad(f"{where}[{j}]: unknown content part type {kind!r}", "input")
     return "".join(out)

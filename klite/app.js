@@ -31,12 +31,15 @@
     "setting-fields", "sampler-order", "settings-reset", "memory", "note", "note-depth", "user-name", "bot-name",
     "system-prompt", "error", "error-text", "error-action", "error-close", "status", "perf", "ctx-fill", "ctx-text",
     "ctx-meter", "model-name", "model-ctx", "server-version", "conn-dot", "key-dialog", "key-form", "key-input",
-    "key-error"]) {
+    "key-error", "btn-attach", "attach-file", "attach-preview"]) {
     el[id] = $(id);
   }
 
   // ---------- state ----------
-  const server = { connected: false, protected: false, maxCtx: 0, model: "", version: "" };
+  const server = { connected: false, protected: false, maxCtx: 0, model: "", version: "", vision: false };
+  const MAX_IMAGES = 8; // the server's per-request limit
+  const IMAGE_SIDE = 1024; // attached images are scaled to fit this (keeps sessions small)
+  let pendingImage = null; // data: URL attached to the next user message
   let settings = loadSettings();
   let session = loadSession();
   let undoStack = [];
@@ -134,7 +137,12 @@
       for (const t of obj.turns) {
         if (!t || typeof t.text !== "string" || !["user", "ai"].includes(t.role)) return { error: "each turn needs a role (user or ai) and a text" };
       }
-      s.turns = obj.turns.map((t) => ({ role: t.role, text: t.text }));
+      for (const t of obj.turns) {
+        if (t.images !== undefined && (!Array.isArray(t.images) || !t.images.every((u) => typeof u === "string" && u.startsWith("data:image/")))) {
+          return { error: "a turn's 'images' must be a list of data:image URLs" };
+        }
+      }
+      s.turns = obj.turns.map((t) => (t.images && t.images.length ? { role: t.role, text: t.text, images: [...t.images] } : { role: t.role, text: t.text }));
     }
     for (const k of ["memory", "note", "userName", "botName", "system", "draft"]) {
       if (obj[k] === undefined) continue;
@@ -226,6 +234,7 @@
       const ver = await call("/api/extra/version");
       server.protected = !!ver.protected;
       server.version = `${ver.result || "KoboldCpp"} ${ver.version || ""}`.trim();
+      server.vision = ver.vision === true;
       el["server-version"].textContent = server.version;
       if (server.protected && !(await keyWorks())) {
         askKey("");
@@ -350,7 +359,9 @@
     if (memory && !/\s$/.test(memory)) memory += "\n";
     if (mode === "instruct" && session.system.trim()) memory = `{{[SYSTEM]}}${session.system.trim()}{{[SYSTEM_END]}}` + memory;
     for (const s of settings.stop_sequence) stop.push(s.replace(/\\n/g, "\n"));
-    return { blocks, joiner, memory, stop };
+    // images of the turns before the reply, oldest first; the server puts them after memory (as KoboldCpp does)
+    const images = mode === "story" ? [] : before.flatMap((t) => t.images || []).slice(-MAX_IMAGES);
+    return { blocks, joiner, memory, stop, images };
   }
 
   async function countTokens(text, signal) {
@@ -429,8 +440,8 @@
   // ---------- generation ----------
   function newGenkey() { return "KCPP" + String(Math.floor(1000 + Math.random() * 9000)); }
 
-  function payload(prompt, memory, stop, genkey) {
-    return {
+  function payload(prompt, memory, stop, genkey, images) {
+    const body = {
       prompt, memory, genkey,
       max_context_length: effectiveCtx(),
       max_length: settings.max_length,
@@ -445,6 +456,8 @@
       stop_sequence: stop,
       trim_stop: true,
     };
+    if (images && images.length) body.images = images.map((u) => u.slice(u.indexOf(",") + 1));
+    return body;
   }
 
   // Reads Kobold SSE: "event: message\ndata: {token, finish_reason}\n\n" until the server closes the socket.
@@ -521,19 +534,20 @@
     updateButtons();
     setStatus("Generating…");
     el.perf.textContent = "";
-    const node = el.output.querySelector(`[data-idx="${idx}"] .body, .seg[data-idx="${idx}"]`);
+    const node = el.output.querySelector(`.msg[data-idx="${idx}"], .seg[data-idx="${idx}"]`);
     const isChat = session.mode === "chat";
     let raw = "";
     try {
       const fit = await fitPrompt(p);
       showContextUse(fit.used, fit.dropped);
       if (gen.stopping) throw Object.assign(new Error("stopped"), { name: "AbortError" });
-      const finish = await streamInto(payload(fit.prompt, p.memory, p.stop, genkey), gen.ctrl.signal, (tok) => {
+      const finish = await streamInto(payload(fit.prompt, p.memory, p.stop, genkey, server.vision ? p.images : []), gen.ctrl.signal, (tok) => {
         raw += tok;
         let shown = raw;
         if (isChat && prevLen === 0) shown = shown.replace(/^\s+/, "");
         turns[idx].text = turns[idx].text.slice(0, prevLen) + shown;
-        if (node) node.textContent = turns[idx].text;
+        if (node && node.classList.contains("msg")) fillTurn(node, turns[idx].text, turns[idx].role);
+        else if (node) node.textContent = turns[idx].text;
         stickToBottom();
       });
       finishText(idx, prevLen);
@@ -618,10 +632,12 @@
     if (!server.connected) { showError("Not connected to the server yet.", "Retry", connect); return; }
     const text = el.input.value;
     snapshot();
-    if (text.trim()) {
+    const img = session.mode !== "story" ? pendingImage : null;
+    if (text.trim() || img) {
       if (session.mode === "story") session.turns.push({ role: "user", text });
-      else session.turns.push({ role: "user", text: text.trim() });
+      else session.turns.push(img ? { role: "user", text: text.trim(), images: [img] } : { role: "user", text: text.trim() });
     }
+    if (img) setAttachment(null);
     el.input.value = "";
     session.draft = "";
     render();
@@ -742,6 +758,41 @@
   }
 
   // ---------- rendering ----------
+  // A reasoning model's leading <think>...</think> block is shown apart, collapsed; the turn's text keeps it (it is
+  // what the model wrote), and an edit of the answer keeps it too.
+  function splitThinking(text) {
+    const lead = text.length - text.replace(/^\s+/, "").length;
+    if (!text.startsWith("<think>", lead)) return null;
+    const close = text.indexOf("</think>", lead);
+    if (close < 0) return { think: text.slice(lead + 7), prefix: text, rest: "", open: true };
+    const after = close + 8;
+    const rest = text.slice(after).replace(/^\s+/, "");
+    return { think: text.slice(lead + 7, close).trim(), prefix: text.slice(0, text.length - rest.length), rest, open: false };
+  }
+
+  function fillTurn(m, text, role) {
+    const b = m.querySelector(".body");
+    const split = role === "ai" ? splitThinking(text) : null;
+    let d = m.querySelector(".think");
+    if (!split) {
+      if (d) d.remove();
+      delete m.dataset.thinkPrefix;
+      b.textContent = text;
+      return;
+    }
+    if (!d) {
+      d = document.createElement("details");
+      d.className = "think";
+      d.append(document.createElement("summary"), document.createElement("div"));
+      d.lastChild.className = "think-body";
+      m.insertBefore(d, b);
+    }
+    d.firstChild.textContent = split.open ? "Thinking…" : "Thoughts";
+    d.lastChild.textContent = split.think;
+    m.dataset.thinkPrefix = split.prefix;
+    b.textContent = split.rest;
+  }
+
   function render() {
     const out = el.output;
     out.textContent = "";
@@ -782,10 +833,19 @@
         n.textContent = session.mode === "chat" ? nameOf(t) : (t.role === "user" ? "You" : "AI");
         const b = document.createElement("div");
         b.className = "body";
-        b.textContent = t.text;
         b.contentEditable = editable;
         b.spellcheck = false;
-        m.append(n, b);
+        m.append(n);
+        for (const u of t.images || []) {
+          const im = document.createElement("img");
+          im.className = "thumb";
+          im.dataset.testid = "thumb";
+          im.alt = "attached image";
+          im.src = u;
+          m.append(im);
+        }
+        m.append(b);
+        fillTurn(m, t.text, t.role);
         out.appendChild(m);
       });
     }
@@ -822,7 +882,7 @@
     const target = node.classList.contains("seg") ? node : node.querySelector(".body");
     if (!session.turns[idx] || !target) return;
     if (editSnapshotPending) { snapshot(); editSnapshotPending = false; }
-    session.turns[idx].text = target.innerText.replace(/\u00a0/g, " ");
+    session.turns[idx].text = (node.dataset.thinkPrefix || "") + target.innerText.replace(/\u00a0/g, " ");
     lastGen = null; // an edited reply is no longer the model's to retry piecewise
     autosave();
     scheduleCount();
@@ -856,6 +916,8 @@
 
   function updateButtons() {
     const busy = !!gen;
+    el["btn-attach"].hidden = !server.vision || session.mode === "story";
+    el["btn-attach"].disabled = busy;
     el["btn-send"].hidden = busy;
     el["btn-stop"].hidden = !busy;
     el["btn-stop"].disabled = busy && gen.stopping;
@@ -1107,6 +1169,59 @@
     }
     session.noteDepth = n;
     autosave();
+  });
+
+  // ---------- image attachments (servers started with --mmproj) ----------
+  function setAttachment(url) {
+    pendingImage = url;
+    const box = el["attach-preview"];
+    box.textContent = "";
+    box.hidden = !url;
+    if (!url) return;
+    const im = document.createElement("img");
+    im.className = "thumb";
+    im.alt = "image to send";
+    im.src = url;
+    const x = document.createElement("button");
+    x.type = "button";
+    x.className = "close-btn";
+    x.dataset.testid = "attach-remove";
+    x.title = "Remove the image";
+    x.textContent = "✕";
+    x.addEventListener("click", () => setAttachment(null));
+    box.append(im, x);
+  }
+
+  // Any browser-readable image becomes a PNG/JPEG data: URL no larger than IMAGE_SIDE per side.
+  function readImage(file) {
+    return new Promise((resolve, reject) => {
+      const url = URL.createObjectURL(file);
+      const im = new Image();
+      im.onload = () => {
+        const k = Math.min(1, IMAGE_SIDE / Math.max(im.naturalWidth, im.naturalHeight));
+        const c = document.createElement("canvas");
+        c.width = Math.max(1, Math.round(im.naturalWidth * k));
+        c.height = Math.max(1, Math.round(im.naturalHeight * k));
+        c.getContext("2d").drawImage(im, 0, 0, c.width, c.height);
+        URL.revokeObjectURL(url);
+        resolve(c.toDataURL(file.type === "image/png" ? "image/png" : "image/jpeg", 0.9));
+      };
+      im.onerror = () => { URL.revokeObjectURL(url); reject(new Error(`${file.name} is not an image this browser can read.`)); };
+      im.src = url;
+    });
+  }
+
+  el["btn-attach"].addEventListener("click", () => el["attach-file"].click());
+  el["attach-file"].addEventListener("change", async () => {
+    const f = el["attach-file"].files[0];
+    el["attach-file"].value = "";
+    if (!f) return;
+    try {
+      setAttachment(await readImage(f));
+      setStatus(`Image attached: ${f.name}`);
+    } catch (e) {
+      showError(e.message);
+    }
   });
 
   window.addEventListener("beforeunload", () => { session.draft = el.input.value; saveSessionNow(); });

@@ -19,21 +19,24 @@ def _log_prompt(h, body, req):
 def _parse_gen(h):
     body = h.json()
     req = kobold.parse_generate(body, h.state.defaults)
+    spec = kobold.output_spec(body, h.state.defaults)
     _log_prompt(h, body, req)
-    return req
+    return req, spec
 
 
 def generate(h):
     runner = h.runner()
-    result = runner.wait(runner.submit(_parse_gen(h)))
+    req, spec = _parse_gen(h)
+    result = runner.wait(runner.submit(req))
     if result.error:
         log_line(f"Generation error: {result.error}")
-    h.send_json(200, kobold.generate_response(check(result)))
+    h.send_json(200, kobold.generate_response(check(result), spec))
 
 
 def generate_stream(h):
     runner = h.runner()
-    h.pump(kobold.stream(runner, runner.submit(_parse_gen(h))))
+    req, spec = _parse_gen(h)
+    h.pump(kobold.stream(runner, runner.submit(req), spec))
 
 
 def _job_for_key(engine, genkey: str):
@@ -123,7 +126,8 @@ def version(h):
     s = h.state
     h.send_json(200, {
         "result": "KoboldCpp", "version": s.api_version, "protected": bool(s.password), "llm": True,
-        "txt2img": False, "vision": False, "audio": False, "transcribe": False, "multiplayer": False,
+        "txt2img": False, "vision": bool(getattr(s.engine, "vision", False)),
+        "audio": bool(getattr(s.engine, "audio", False)), "transcribe": False, "multiplayer": False,
         "websearch": False, "tts": False, "embeddings": True, "savedata": False, "admin": 0, "guidance": False,
         "jinja": bool(s.chat.use_jinja),
     })

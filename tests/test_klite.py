@@ -466,3 +466,38 @@ def test_long_story_is_trimmed_from_the_front_keeping_memory(open_page, server, 
     assert n["value"] <= 256 - 16
     assert "trimmed" in tid(page, "context-use").inner_text()
     assert page.locator(".seg.ai").count() == 1
+
+
+def test_thinking_is_shown_apart_and_collapsed(open_page, server):
+    """A reasoning model's <think> block streams into a collapsed "Thoughts" box above the answer; the turn keeps
+    the block, and editing the answer keeps it too. The model's output is forced by adding a grammar to the
+    page's own request on its way to the real server."""
+    page, w = open_page()
+    forced = 'root ::= "<think>Colours are light.</think>\\n\\nRed, green, blue."'
+
+    def add_grammar(route):
+        body = route.request.post_data_json
+        body.update(grammar=forced, max_length=64)
+        route.continue_(post_data=json.dumps(body))
+
+    page.route("**/api/extra/generate/stream", add_grammar)
+    tid(page, "mode").select_option("instruct")
+    tid(page, "input").fill("Name three colours.")
+    tid(page, "input").press("Enter")
+    wait_idle_page(page)
+    ai = page.locator(".msg.ai")
+    think = ai.locator("details.think")
+    assert think.count() == 1 and think.get_attribute("open") is None  # collapsed
+    assert think.locator("summary").inner_text() == "Thoughts"
+    assert think.locator(".think-body").text_content() == "Colours are light."
+    assert ai.locator(".body").inner_text() == "Red, green, blue."
+    assert stored_session(page)["turns"][1]["text"] == "<think>Colours are light.</think>\n\nRed, green, blue."
+    think.locator("summary").click()
+    assert think.locator(".think-body").is_visible()
+    both_widths(page, "thinking")
+    body = ai.locator(".body")
+    body.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.type("Cyan.")
+    page.locator("body").click(position={"x": 5, "y": 5})
+    assert stored_session(page)["turns"][1]["text"] == "<think>Colours are light.</think>\n\nCyan."

@@ -211,7 +211,7 @@ def forced(text: str) -> str:
     return "root ::= " + toolmod.gbnf_literal(text)
 
 
-@pytest.mark.parametrize("fmt", ["hermes", "mistral", "deepseek", "kimi", "harmony", "llama3"])
+@pytest.mark.parametrize("fmt", sorted(set(toolmod.NATIVE_FORMATS) - {"json"}))
 def test_openai_sdk_reads_native_calls_and_reasoning(server, fmt):
     from openai import OpenAI
     client = OpenAI(base_url=server.url + "/v1", api_key="x")
@@ -288,3 +288,90 @@ def test_no_tools_no_calls_and_reasoning_format_none(server):
                                                    "reasoning_format": "none"})
     msg = r.choices[0].message
     assert msg.content == text and not msg.tool_calls and r.choices[0].finish_reason == "stop"
+
+
+def test_native_api_reasoning_format(server):
+    from tests.support import http
+    text = "<think>Plan it.</think>\n\nThe answer."
+    body = {"prompt": "Q:", "max_length": 120, "grammar": forced(text), "temperature": 0}
+    st, _, out = http("POST", server.url + "/api/v1/generate", body)
+    assert st == 200 and out["results"][0]["text"] == text and "reasoning_content" not in out["results"][0]
+    st, _, out = http("POST", server.url + "/api/v1/generate", dict(body, reasoning_format="separate"))
+    assert (out["results"][0]["text"], out["results"][0]["reasoning_content"]) == ("The answer.", "Plan it.")
+    st, _, out = http("POST", server.url + "/api/v1/generate", dict(body, reasoning_format="drop"))
+    assert out["results"][0]["text"] == "The answer." and out["results"][0]["reasoning_content"] == ""
+    st, _, out = http("POST", server.url + "/api/v1/generate", dict(body, reasoning_format="bogus"))
+    assert st == 400 and "reasoning_format" in json.dumps(out)
+    import requests
+    raw = requests.post(server.url + "/api/extra/generate/stream", json=dict(body, reasoning_format="separate"),
+                        timeout=60).text
+    events = [json.loads(line[5:]) for line in raw.splitlines() if line.startswith("data:")]
+    assert "".join(e.get("reasoning_content", "") for e in events) == "Plan it."
+    assert "".join(e["token"] for e in events) == "The answer."
+
+
+# ---------------------------------------------------------------- --jinja: tools and template kwargs reach the template
+
+TEMPLATES = __import__("pathlib").Path(__file__).resolve().parent / "templates"
+
+
+def jinja_ctx(name):
+    from adapters import instruct
+    from adapters.chat import Context
+    template = (TEMPLATES / f"{name}.jinja").read_text()
+    eng = Engine(EngineConfig(tiny_model_path(chat_template=template), n_ctx=512, n_threads=1, max_queue=2))
+    logs = []
+    aname, adapter = instruct.load_adapter("AutoGuess", template, log=lambda s: None)
+    return eng, Context(engine=eng, model_name="m", adapter_name=aname, adapter=adapter, use_jinja=True,
+                        default_max_length=64, log=logs.append), logs
+
+
+def test_jinja_gets_tools_and_template_kwargs():
+    from adapters import openai as oa
+    eng, ctx, logs = jinja_ctx("Qwen3")
+    try:
+        msgs = [{"role": "user", "content": "weather in Paris?"}]
+        plan = oa.parse_chat({"messages": msgs, "tools": TOOLS}, ctx)
+        (req,) = plan.requests
+        assert "<tools>" in req.prompt and '"get_weather"' in req.prompt  # the template's own tool section
+        assert plan.output.tool_format == "hermes" and req.sampling.grammar_triggers == ["(<tool_call>)"]
+        assert req.sampling.grammar_trigger_think == ("<think>", "</think>", False)
+        assert req.prompt.endswith("<|im_start|>assistant\n") and not plan.output.think_open
+        plan = oa.parse_chat({"messages": msgs, "chat_template_kwargs": {"enable_thinking": False}}, ctx)
+        assert plan.requests[0].prompt.endswith("<think>\n\n</think>\n\n")
+        plan = oa.parse_chat({"messages": msgs, "tools": TOOLS, "tool_choice": "required"}, ctx)
+        assert plan.tool_mode == "forced" and plan.requests[0].sampling.grammar.startswith("root ::= \"<tool_call>")
+        # tool history goes back to the template with object arguments and the tool result
+        hist = msgs + [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+        req = oa.parse_chat({"messages": hist, "tools": TOOLS}, ctx).requests[0]
+        assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in req.prompt and "sunny" in req.prompt
+        assert not logs
+    finally:
+        eng.close()
+    eng, ctx, logs = jinja_ctx("QwQ")
+    try:
+        plan = oa.parse_chat({"messages": [{"role": "user", "content": "hi"}]}, ctx)
+        assert plan.output.think_open  # this template opens the reasoning block itself
+    finally:
+        eng.close()
+    eng, ctx, logs = jinja_ctx("GPT-OSS")
+    try:
+        plan = oa.parse_chat({"messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "high"}, ctx)
+        assert "Reasoning: high" in plan.requests[0].prompt and plan.output.harmony
+        assert plan.requests[0].render_special and "<|end|>" not in plan.requests[0].stop
+    finally:
+        eng.close()
+
+
+def test_jinja_template_without_tools_says_so_once_and_uses_the_adapter():
+    from adapters import openai as oa
+    eng, ctx, logs = jinja_ctx("Gemma-3")
+    try:
+        for _ in range(2):
+            req = oa.parse_chat({"messages": [{"role": "user", "content": "hi"}], "tools": TOOLS}, ctx).requests[0]
+            assert "get_weather" in req.prompt + req.memory and "<start_of_turn>" in req.prompt
+        assert len([x for x in logs if "does not take tools" in x]) == 1
+    finally:
+        eng.close()
