@@ -114,6 +114,8 @@ def show(body, ctx: Context, model_path: str) -> dict:
     tmpl = eng.chat_template or ""
     if adapter.get("think_start") or "<think>" in tmpl or "enable_thinking" in tmpl:
         caps.append("thinking")  # the chat pipeline returns it apart (message.thinking)
+    if getattr(eng, "vision", False):  # a --mmproj projector: images in /api/chat and /api/generate
+        caps.append("vision")
     if all(k in eng.fim_tokens() for k in ("pre", "suf", "mid")):
         caps.append("insert")
     try:
