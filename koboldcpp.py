@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a model's thinking in chat replies: separate (reasoning_content / thinking), none (left in "
                         "the text), drop (removed)")
     p.add_argument("--embeddingsmodel", default=None, help="separate GGUF model for /v1/embeddings")
+    p.add_argument("--rerankmodel", default=None, metavar="FILE",
+                   help="reranker GGUF (e.g. bge-reranker, Qwen3-Reranker) for /v1/rerank, loaded with rank pooling")
     p.add_argument("--mmproj", default=None, help="vision/audio projector (mmproj GGUF) made for the model")
     p.add_argument("--visionmaxres", type=_int_range(64, 8192, "--visionmaxres"), default=1024,
                    help="scale images down so their longest side is at most this many pixels")
@@ -324,6 +326,11 @@ def serve(args: argparse.Namespace) -> int:
                 gguf_loader.inspect(args.embeddingsmodel)
             except gguf_loader.GGUFError as e:
                 raise gguf_loader.GGUFError(f"--embeddingsmodel: {e}")
+        if args.rerankmodel:
+            try:
+                gguf_loader.inspect(args.rerankmodel)
+            except gguf_loader.GGUFError as e:
+                raise gguf_loader.GGUFError(f"--rerankmodel: {e}")
         if args.mmproj:
             from gguf_loader.inspect import inspect_projector
             try:
@@ -374,8 +381,8 @@ def serve(args: argparse.Namespace) -> int:
                        n_gpu_layers=args.gpulayers, flash_attn=args.flashattention, use_mmap=args.usemmap,
                        use_mlock=args.usemlock, n_slots=args.parallelrequests, max_queue=max_queue,
                        fastforward=not args.nofastforward, contextshift=not args.noshift, quiet=args.quiet,
-                       embedding_model_path=args.embeddingsmodel, mmproj_path=args.mmproj,
-                       on_load_progress=httpd.load.update)
+                       embedding_model_path=args.embeddingsmodel, rerank_model_path=args.rerankmodel,
+                       mmproj_path=args.mmproj, on_load_progress=httpd.load.update)
     print(f"Loading {model_path} ...", flush=True)
 
     def close_http():
@@ -393,6 +400,13 @@ def serve(args: argparse.Namespace) -> int:
             return _err("stopped while loading the model", 130)
         return _err(str(e) if isinstance(e, ModelLoadError) else f"could not load {model_path}: {type(e).__name__}: {e}")
 
+    if args.rerankmodel:
+        try:
+            engine.load_reranker()
+        except ModelLoadError as e:
+            httpd.server_close()
+            engine.close()
+            return _err(f"--rerankmodel: {e}")
     model_name = friendly_model_name(args, model_path)
     try:
         chat = _chat_context(args, engine, model_name)

@@ -16,7 +16,7 @@ from typing import Iterator, List, Optional
 
 from gguf_loader.jobs import BudgetError, GenRequest, token_budget
 
-from . import chat, fields as F, instruct, media as mediamod, tools as toolmod
+from . import chat, fields as F, fim, instruct, media as mediamod, tools as toolmod
 from .chat import MAX_N, Context, Plan, new_id  # noqa: F401 (Context is part of this module's interface)
 from .errors import ApiError, BadRequest, error_body
 from .logprobs import chat_logprobs, completion_logprobs
@@ -288,8 +288,10 @@ def parse_completion(body, ctx: Context) -> Plan:
     if len(prompts) * n > MAX_N:
         raise _bad(f"at most {MAX_N} choices per request (prompts x n)", "n")
     suffix = b.raw("suffix")
-    if suffix not in (F.MISSING, ""):
-        raise _bad("'suffix' (fill-in-the-middle) is not supported on this server; send the prompt only", "suffix")
+    if suffix is not F.MISSING and not isinstance(suffix, str):
+        raise _bad("'suffix' must be a string", "suffix")
+    if suffix is not F.MISSING and suffix != "":
+        fim.fim_ids(ctx.engine, "suffix")  # a model without FIM tokens is a 400 before anything else
     lp = b.raw("logprobs")
     if lp is True:
         lp = 5
@@ -307,7 +309,11 @@ def parse_completion(body, ctx: Context) -> Plan:
     for p in prompts:
         # a native-style text prompt may carry Kobold Lite's placeholders (this is not chat message content)
         text = instruct.replace_placeholders(p, adapter) if isinstance(p, str) else p
-        plan.requests += chat.for_choices(template, instruct.ChatPrompt(prompt=text, memory=memory), seeds)
+        if suffix not in (F.MISSING, ""):  # fill-in-the-middle: the prompt is the prefix
+            ids = fim.suffix_prompt(ctx.engine, text, suffix, template.max_length, template.max_context_length)
+            plan.requests += chat.for_choices(template, instruct.ChatPrompt(prompt=ids), seeds)
+        else:
+            plan.requests += chat.for_choices(template, instruct.ChatPrompt(prompt=text, memory=memory), seeds)
         if echo:
             plan.echo += [text if isinstance(text, str) else ctx.engine.detokenize(text)] * n
     return plan

@@ -55,6 +55,7 @@ class EngineConfig:
     contextshift: bool = True
     quiet: bool = False
     embedding_model_path: Optional[str] = None
+    rerank_model_path: Optional[str] = None  # a reranker GGUF (rank pooling) for /v1/rerank
     mmproj_path: Optional[str] = None  # vision/audio projector (llama.cpp mtmd)
     on_load_progress: Optional[Callable[[float], bool]] = None  # 0..1 while loading; False cancels the load
 
@@ -318,6 +319,10 @@ class Engine:
         self._embed_ctx = None
         self._embed_model = None
         self._embed_vocab = None
+        self._rank_lock = threading.Lock()
+        self._rank_ctx = None
+        self._rank_model = None
+        self._rank_vocab = None
 
         self.started_at = time.time()
         self.idle_since = time.time()
@@ -520,6 +525,13 @@ class Engine:
             if self._embed_model:
                 L.llama_model_free(self._embed_model)
                 self._embed_model = None
+        with self._rank_lock:
+            if self._rank_ctx:
+                L.llama_free(self._rank_ctx)
+                self._rank_ctx = None
+            if self._rank_model:
+                L.llama_model_free(self._rank_model)
+                self._rank_model = None
 
     # ---------- embeddings (own context, caller's thread) ----------
 
@@ -600,6 +612,132 @@ class Engine:
             finally:
                 L.llama_batch_free(batch)
         return out
+
+    # ---------- facts about the loaded model (Ollama's /api/show and /api/ps) ----------
+
+    def model_facts(self) -> dict:
+        """Parameter count, weight bytes, the KV cache's bytes (f16, every slot), layers and offloaded layers."""
+        buf = ctypes.create_string_buffer(256)
+        L.llama_model_desc(self.model, buf, len(buf))
+        arch = self.metadata.get("general.architecture", "")
+        n_layer = L.llama_model_n_layer(self.model)
+        n_head = max(1, L.llama_model_n_head(self.model))
+        n_head_kv = L.llama_model_n_head_kv(self.model) or n_head
+
+        def meta_int(key, default):
+            try:
+                return int(self.metadata.get(key, default))
+            except ValueError:
+                return default
+        k_len = meta_int(f"{arch}.attention.key_length", L.llama_model_n_embd(self.model) // n_head)
+        v_len = meta_int(f"{arch}.attention.value_length", k_len)
+        gpu = 0
+        if self.cfg.n_gpu_layers and L.llama_supports_gpu_offload():
+            gpu = n_layer if self.cfg.n_gpu_layers < 0 else min(self.cfg.n_gpu_layers, n_layer)
+        return {"desc": buf.value.decode("utf-8", "replace"), "n_params": int(L.llama_model_n_params(self.model)),
+                "weights_bytes": int(L.llama_model_size(self.model)),
+                "kv_bytes": self.n_ctx * self.n_slots * n_layer * n_head_kv * (k_len + v_len) * 2,
+                "n_layer": n_layer, "gpu_layers": gpu}
+
+    # ---------- fill-in-the-middle tokens ----------
+
+    def fim_tokens(self) -> Dict[str, int]:
+        """The vocabulary's FIM special tokens, name -> id; a name the model lacks is absent."""
+        out = {}
+        for name in ("pre", "suf", "mid", "pad", "rep", "sep"):
+            t = getattr(L, f"llama_vocab_fim_{name}")(self.vocab)
+            if 0 <= t < self.n_vocab:
+                out[name] = int(t)
+        return out
+
+    # ---------- reranking (own model and context, caller's thread) ----------
+
+    @property
+    def rerank_model_name(self) -> Optional[str]:
+        p = self.cfg.rerank_model_path
+        return os.path.splitext(os.path.basename(p))[0] if p else None
+
+    def _ensure_rank_ctx(self):
+        if self._rank_ctx:
+            return
+        if not self.cfg.rerank_model_path:
+            raise ModelLoadError("no reranking model is loaded (start with --rerankmodel FILE)")
+        model = _load_model(self.cfg.rerank_model_path, self.cfg.n_gpu_layers, self.cfg.use_mmap, False)
+        meta = _meta(model)
+        if meta.get(meta.get("general.architecture", "") + ".pooling_type") != str(L.LLAMA_POOLING_TYPE_RANK):
+            L.llama_model_free(model)
+            raise ModelLoadError(f"{self.cfg.rerank_model_path} is not a reranker: its GGUF does not declare rank "
+                                 f"pooling (use a reranker such as bge-reranker-v2-m3 or Qwen3-Reranker)")
+        n_train = L.llama_model_n_ctx_train(model)
+        cp = L.llama_context_default_params()
+        cp.n_ctx = min(self.n_ctx, n_train) if n_train > 0 else self.n_ctx
+        cp.n_batch = cp.n_ctx
+        cp.n_ubatch = cp.n_ctx
+        cp.n_seq_max = 1
+        cp.n_threads = self.cfg.n_threads
+        cp.n_threads_batch = self.cfg.n_threads
+        cp.embeddings = True
+        cp.pooling_type = L.LLAMA_POOLING_TYPE_RANK
+        cp.no_perf = True
+        ctx = L.llama_init_from_model(model, cp)
+        if not ctx:
+            L.llama_model_free(model)
+            raise ModelLoadError("llama.cpp could not create a reranking context")
+        self._rank_model, self._rank_ctx = model, ctx
+        self._rank_vocab = _Vocab(model)
+        self._rank_nctx = cp.n_ctx
+        self._rank_nout = max(1, L.llama_model_n_cls_out(model))
+        self._rank_template = meta.get("tokenizer.chat_template.rerank")
+
+    def load_reranker(self):
+        """Load the --rerankmodel now (start-up), so a bad file is reported before the server answers."""
+        with self._rank_lock:
+            self._ensure_rank_ctx()
+
+    def _rank_tokens(self, query: str, doc: str) -> List[int]:
+        """The reranker's input for one pair: its own rerank template when the GGUF carries one, else
+        [BOS] query [EOS] [SEP] document [EOS] (tokens the vocabulary lacks are left out), as llama-server."""
+        v = self._rank_vocab
+        if self._rank_template:
+            text = self._rank_template.replace("{query}", query).replace("{document}", doc)
+            return v.tokenize(text, add_bos=bool(L.llama_vocab_get_add_bos(v.vocab)), special=True)
+        bos, eos, sep = (L.llama_vocab_bos(v.vocab), L.llama_vocab_eos(v.vocab), L.llama_vocab_sep(v.vocab))
+        out = [t for t in (bos,) if t >= 0]
+        out += v.tokenize(query, add_bos=False, special=False)
+        out += [t for t in (eos, sep) if t >= 0]
+        out += v.tokenize(doc, add_bos=False, special=False)
+        out += [t for t in (eos,) if t >= 0]
+        return out
+
+    def rerank(self, query: str, documents: List[str]) -> tuple:
+        """-> (one relevance score per document, tokens read). Pairs longer than the context are cut at the end."""
+        scores, n_tok = [], 0
+        with self._rank_lock:
+            self._ensure_rank_ctx()
+            ctx = self._rank_ctx
+            mem = L.llama_get_memory(ctx)
+            batch = L.llama_batch_init(self._rank_nctx, 0, 1)
+            try:
+                for doc in documents:
+                    toks = self._rank_tokens(query, doc)[: self._rank_nctx] or [0]
+                    n_tok += len(toks)
+                    L.llama_memory_clear(mem, True)
+                    batch.n_tokens = len(toks)
+                    for i, t in enumerate(toks):
+                        batch.token[i] = int(t)
+                        batch.pos[i] = i
+                        batch.n_seq_id[i] = 1
+                        batch.seq_id[i][0] = 0
+                        batch.logits[i] = 1
+                    if L.llama_decode(ctx, batch) != 0:
+                        raise RuntimeError("llama.cpp failed to score a document")
+                    ptr = L.llama_get_embeddings_seq(ctx, 0)
+                    if not ptr:
+                        raise RuntimeError("the reranking model gave no score (is it a reranker?)")
+                    scores.append(float(ptr[0]))
+            finally:
+                L.llama_batch_free(batch)
+        return scores, n_tok
 
     # ---------- engine thread ----------
 

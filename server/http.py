@@ -31,7 +31,7 @@ _CORS_HEADERS = (
     ("Access-Control-Allow-Methods", "*"),
     ("Access-Control-Allow-Headers", "*, Accept, Content-Type, Content-Length, Cache-Control, Accept-Encoding, "
                                      "X-CSRF-Token, Client-Agent, X-Fields, Authorization, X-Requested-With, "
-                                     "X-HTTP-Method-Override, apikey, genkey"),
+                                     "X-HTTP-Method-Override, apikey, genkey, x-api-key, anthropic-version"),
     ("Access-Control-Allow-Private-Network", "true"),  # Chrome: public-origin pages calling localhost
 )
 
@@ -50,7 +50,7 @@ def log_line(line: str):
 @dataclass
 class Route:
     fn: Callable  # fn(handler)
-    auth: bool = False  # needs 'Authorization: Bearer <--password>' when a password is set
+    auth: bool = False  # needs 'Authorization: Bearer <--password>' (or x-api-key) when a password is set
     dialect: str = "kobold"  # shape of error bodies: "kobold" | "openai" | "ollama"
     path: str = ""  # the registered path (the /metrics label: never the raw request path)
     while_loading: bool = False  # answers before the model is loaded (health checks); the rest answer 503
@@ -391,6 +391,8 @@ class Handler(BaseHTTPRequestHandler):
             return True
         auth = self.headers.get("Authorization") or ""
         token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        if not token:  # Anthropic's SDKs send the key as x-api-key
+            token = (self.headers.get("x-api-key") or "").strip()
         # header values arrive decoded as Latin-1; the key is compared as the UTF-8 bytes the client sent
         raw = token.encode("latin-1", "replace")
         return hmac.compare_digest(raw, pw.encode("utf-8")) or hmac.compare_digest(raw, pw.encode("latin-1", "replace"))
