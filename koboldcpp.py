@@ -88,7 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reasoningformat", choices=("separate", "none", "drop"), default="separate",
                    help="a model's thinking in chat replies: separate (reasoning_content / thinking), none (left in "
                         "the text), drop (removed)")
-    p.add_argument("--embeddingsmodel", default=None, help="separate GGUF model for /v1/embeddings")
+    p.add_argument("--embeddingsmodel", default=None,
+                   help="separate GGUF model for /v1/embeddings (a file, or the name of a model in --modeldir)")
+    p.add_argument("--modeldir", default=None, metavar="DIR",
+                   help="offer every .gguf and .kcpps in DIR; a request's 'model' picks one (loaded on demand)")
+    p.add_argument("--maxloadedmodels", type=_int_range(1, 64, "--maxloadedmodels"), default=1,
+                   help="models held loaded at once; past that the least recently used idle one is unloaded")
+    p.add_argument("--unloadtimeout", type=_int_range(0, 10**7, "--unloadtimeout"), default=0, metavar="S",
+                   help="unload a model idle for S seconds (0: never)")
+    p.add_argument("--adminpassword", default=None,
+                   help="key for the model load/unload routes (default: --password; with neither they are off)")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
+                   help="LoRA adapter applied at load, with an optional scale (default 1); repeatable")
+    p.add_argument("--quantkv", type=_int_range(0, 2, "--quantkv"), default=0,
+                   help="KV cache type: 0 f16, 1 q8_0, 2 q4_0 (1 and 2 need --flashattention)")
     p.add_argument("--sdurl", default=None, help="Automatic1111 server for /v1/images/generations (or SD_WEBUI_URL)")
     p.add_argument("--maxrequestsize", type=_int_range(1, 1024, "--maxrequestsize"), default=32, help="request body limit in MB")
     p.add_argument("--preloadstory", default=None, help="story JSON served at /api/extra/preloadstory")
@@ -175,6 +188,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         explicit = _explicit_dests(parser, argv)
         apply_config(parser, args, load_config_file(args.config), explicit, args.config)
     finalize_args(args)
+    if args.quantkv and not args.flashattention:
+        raise ArgError(_QUANTKV_NEEDS_FA)
+    _parse_loras(args.lora)
     if args.showgui and args.skiplauncher:
         raise ArgError("--showgui and --skiplauncher cannot be used together")
     return args
@@ -266,7 +282,7 @@ def _chat_context(args, engine, model_name):
 
 def _banner(args, state, url, host, threads, max_queue, model_path):
     e, rule = state.engine, "=" * 72
-    lines = [rule, f"Model:    {state.model_name}  ({model_path})",
+    lines = [rule, f"Model:    {state.served().model_name}  ({model_path})",
              f"Context:  {e.n_ctx} tokens (trained {e.n_ctx_train}), threads {threads}, slots {e.n_slots}, "
              f"queue {max_queue}",
              f"Serving:  {url}   (web page at {url}/ , KoboldCpp API at {url}/api , OpenAI API at {url}/v1)"]
@@ -277,23 +293,131 @@ def _banner(args, state, url, host, threads, max_queue, model_path):
     print("\n".join(lines + ["Press Ctrl+C to stop.", rule]), flush=True)
 
 
-def serve(args: argparse.Namespace) -> int:
+def _offered_models(args):
+    """-> (specs, default id) or raises ArgError. --model (or the bundled model) and every model in --modeldir."""
+    from gguf_loader.models import ModelSpec, model_id, scan_dir
+    specs = []
+    if args.modeldir:
+        d = os.path.abspath(os.path.expanduser(args.modeldir))
+        if not os.path.isdir(d):
+            raise ArgError(f"--modeldir {args.modeldir}: not a folder")
+        specs = scan_dir(d)
+        if not specs and not args.model:
+            raise ArgError(f"--modeldir {args.modeldir}: no .gguf or .kcpps files in it")
+    default = None
+    if args.model or not specs:
+        path, rc = _model_path(args)
+        if rc is not None:
+            raise ArgError("no model")
+        mid = friendly_model_name(args, path)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        specs = [s for s in specs if s.id != mid]
+        specs.insert(0, ModelSpec(mid, path, None, [stem, os.path.basename(path), model_id(path)]))
+        default = mid
+    return specs, default or specs[0].id
+
+
+def _model_args(args, spec):
+    """The settings one model loads with: the server's, with its .kcpps laid over them. -> (args, gguf path)."""
+    import copy
+    margs = copy.copy(args)
+    if not spec.config:
+        return margs, spec.path
+    parser = build_parser()
+    data = load_config_file(spec.config)
+    apply_config(parser, margs, data, set(), spec.config)
+    model = data.get("model") or data.get("model_param")
+    if isinstance(model, list):
+        model = model[0] if model else None
+    if not isinstance(model, str) or not model:
+        raise ArgError(f"{spec.config} names no model file")
+    path = os.path.expanduser(model)
+    if not os.path.isabs(path):
+        path = os.path.join(os.path.dirname(spec.config), path)
+    return margs, os.path.abspath(path)
+
+
+def _parse_loras(items):
+    """--lora FILE[:SCALE] values -> [(path, scale)]; raises ArgError."""
+    out = []
+    for item in items or []:
+        path, scale = item, 1.0
+        head, sep, tail = item.rpartition(":")
+        if sep and head and re.fullmatch(r"[-+]?\d+(\.\d*)?|[-+]?\.\d+", tail):
+            path, scale = head, float(tail)
+        if not os.path.isfile(path):
+            raise ArgError(f"--lora {item}: file not found")
+        if not -100.0 <= scale <= 100.0:
+            raise ArgError(f"--lora {item}: scale must be between -100 and 100")
+        out.append((os.path.abspath(path), scale))
+    return out
+
+
+def _check_model(args, spec, embeddings_path):
+    """Read a model's GGUF header (and its own settings) before anything is unloaded for it; raises."""
+    import gguf_loader
+    margs, path = _model_args(args, spec)
+    gguf_loader.inspect(path)
+    _parse_loras(margs.lora)
+    if margs.quantkv and not margs.flashattention:
+        raise ArgError(_QUANTKV_NEEDS_FA)
+    return margs, path
+
+
+_QUANTKV_NEEDS_FA = "--quantkv 1 and 2 quantize the V cache, which llama.cpp allows only with --flashattention"
+
+
+def _load_served(args, spec, embeddings_path, max_queue, threads):
+    """Build one offered model: engine + chat context + native defaults (the ModelManager's load function)."""
     import gguf_loader
     from adapters import kobold
+    from gguf_loader.engine import Engine, EngineConfig
+    from server.app import Served
+    margs, path = _check_model(args, spec, embeddings_path)
+    info = gguf_loader.inspect(path)
+    n_ctx = margs.contextsize
+    if info.context_length and n_ctx > info.context_length:
+        print(f"Context size {n_ctx} is larger than the model's trained context {info.context_length}; "
+              f"using {info.context_length}.")
+        n_ctx = info.context_length
+    cfg = EngineConfig(path, n_ctx=n_ctx, n_threads=threads, n_batch=margs.batchsize,
+                       n_gpu_layers=margs.gpulayers, flash_attn=margs.flashattention, use_mmap=margs.usemmap,
+                       use_mlock=margs.usemlock, n_slots=margs.parallelrequests, max_queue=max_queue,
+                       fastforward=not margs.nofastforward, contextshift=not margs.noshift, quiet=margs.quiet,
+                       embedding_model_path=embeddings_path, loras=_parse_loras(margs.lora), kv_type=margs.quantkv)
+    engine = Engine(cfg)
+    try:
+        chat = _chat_context(margs, engine, spec.id)
+    except ArgError:
+        engine.close()
+        raise
+    defaults = kobold.GenDefaults(max_length=margs.defaultgenamt, max_context_length=engine.n_ctx,
+                                  n_vocab=engine.n_vocab, instruct_tags=chat.adapter)
+    return Served(engine, spec.id, chat, defaults)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from gguf_loader.models import LoadFailed, ModelManager
     from server.app import ServerState, build_server
 
-    model_path, rc = _model_path(args)
-    if rc is not None:
-        return rc
     try:
-        info = gguf_loader.inspect(model_path)
+        specs, default = _offered_models(args)
+    except ArgError as e:
+        return _err(str(e)) if str(e) != "no model" else 1
+    try:
+        embeddings_path = None
         if args.embeddingsmodel:
+            import gguf_loader
+            named = next((s for s in specs if args.embeddingsmodel in [s.id] + s.aliases), None)
+            embeddings_path = os.path.abspath(named.path if named and not named.config else args.embeddingsmodel)
             try:
-                gguf_loader.inspect(args.embeddingsmodel)
+                gguf_loader.inspect(embeddings_path)
             except gguf_loader.GGUFError as e:
                 raise gguf_loader.GGUFError(f"--embeddingsmodel: {e}")
         preload = read_json_file(args.preloadstory, "--preloadstory file") if args.preloadstory else None
-    except (gguf_loader.GGUFError, ArgError) as e:
+        default_spec = next(s for s in specs if s.id == default)
+        _check_model(args, default_spec, embeddings_path)
+    except Exception as e:  # GGUFError, ArgError: the first model is checked before the port opens
         return _err(str(e))
 
     host = args.host or ""
@@ -304,48 +428,41 @@ def serve(args: argparse.Namespace) -> int:
             return _err(f"port {args.port} is already in use (another server running?); pick another with --port")
         return _err(f"cannot listen on {host or '*'}:{args.port}: {e.strerror or e}")
 
-    n_ctx = args.contextsize
-    if info.context_length and n_ctx > info.context_length:
-        print(f"Context size {n_ctx} is larger than the model's trained context {info.context_length}; "
-              f"using {info.context_length}.")
-        n_ctx = info.context_length
     threads = args.threads if args.threads > 0 else default_threads()
     max_queue = args.multiuser - 1 if args.multiuser > 1 else (6 if args.multiuser == 1 else 0)
 
-    from gguf_loader.engine import Engine, EngineConfig, ModelLoadError
-    cfg = EngineConfig(model_path, n_ctx=n_ctx, n_threads=threads, n_batch=args.batchsize,
-                       n_gpu_layers=args.gpulayers, flash_attn=args.flashattention, use_mmap=args.usemmap,
-                       use_mlock=args.usemlock, n_slots=args.parallelrequests, max_queue=max_queue,
-                       fastforward=not args.nofastforward, contextshift=not args.noshift, quiet=args.quiet,
-                       embedding_model_path=args.embeddingsmodel)
-    print(f"Loading {model_path} ...", flush=True)
+    def close_served(served):
+        served.engine.close()
+    models = ModelManager(specs, lambda spec: _load_served(args, spec, embeddings_path, max_queue, threads),
+                          close_served, lambda served: served.engine.busy,
+                          check=lambda spec: _check_model(args, spec, embeddings_path), default=default,
+                          max_loaded=args.maxloadedmodels, unload_timeout=args.unloadtimeout)
+    print(f"Loading {default_spec.path} ...", flush=True)
     try:
-        engine = Engine(cfg)
+        models.wait_loaded(default)
     except KeyboardInterrupt:
         httpd.server_close()
+        models.close()
         return _err("interrupted while loading the model", 130)
-    except Exception as e:
+    except LoadFailed as e:
         httpd.server_close()
-        return _err(str(e) if isinstance(e, ModelLoadError) else f"could not load {model_path}: {type(e).__name__}: {e}")
-
-    model_name = friendly_model_name(args, model_path)
-    try:
-        chat = _chat_context(args, engine, model_name)
-    except ArgError as e:
-        httpd.server_close()
-        engine.close()
+        models.close()
         return _err(str(e))
+
     httpd.state = ServerState(
-        engine=engine, model_name=model_name, password=args.password or None,
-        max_body=args.maxrequestsize * 1024 * 1024, quiet=args.quiet,
-        defaults=kobold.GenDefaults(max_length=args.defaultgenamt, max_context_length=engine.n_ctx,
-                                    n_vocab=engine.n_vocab, instruct_tags=chat.adapter),
-        chat=chat, program_version=PROGRAM_VERSION, preloadstory=preload,
-        sdurl=args.sdurl or os.environ.get("SD_WEBUI_URL") or None, api_version=VERSION)
+        engine=None, model_name=default, password=args.password or None,
+        max_body=args.maxrequestsize * 1024 * 1024, quiet=args.quiet, defaults=None, chat=None,
+        program_version=PROGRAM_VERSION, preloadstory=preload,
+        sdurl=args.sdurl or os.environ.get("SD_WEBUI_URL") or None, api_version=VERSION, models=models,
+        admin_password=args.adminpassword or None)
 
     shown_host = "localhost" if host in ("", "0.0.0.0", "::", "127.0.0.1", "::1") else host
     url = f"http://{shown_host if ':' not in shown_host else '[' + shown_host + ']'}:{args.port}"
-    _banner(args, httpd.state, url, host, threads, max_queue, model_path)
+    _banner(args, httpd.state, url, host, threads, max_queue, default_spec.path)
+    httpd.state.end_request()
+    if len(specs) > 1:
+        print(f"Models offered ({len(specs)}, up to {args.maxloadedmodels} loaded at once): "
+              + ", ".join(s.id for s in specs), flush=True)
 
     def on_term(signum, frame):
         threading.Thread(target=httpd.shutdown, daemon=True).start()
@@ -363,7 +480,7 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         print("Shutting down.", flush=True)
         httpd.server_close()
-        engine.close()
+        models.close()
     return 0
 
 

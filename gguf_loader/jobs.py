@@ -5,7 +5,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Union
+from typing import Dict, Iterator, List, Optional, Union
 
 # KoboldCpp's sampler ids: 0 top_k, 1 top_a, 2 top_p, 3 tfs, 4 typical, 5 temperature, 6 rep_pen
 DEFAULT_SAMPLER_ORDER = [6, 0, 1, 3, 4, 2, 5]
@@ -69,6 +69,7 @@ class GenRequest:
     genkey: str = ""
     add_bos: bool = True
     tokenize_special: bool = True  # parse special-token text (e.g. "<start_of_turn>") in the prompt
+    lora: Optional[Dict[int, float]] = None  # LoRA adapter index -> scale for this request (others: their default)
 
 
 @dataclass

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from adapters import openai as oa
 
+from . import routes_models
+
 
 def _run(h, plan):
     runner = h.runner()
@@ -12,20 +14,29 @@ def _run(h, plan):
         h.send_json(200, oa.run_blocking(plan, runner))
 
 
+def _ctx(h, body):
+    """The chat Context of the model the body's `model` names (unknown or absent: the current model)."""
+    return h.state.chat_for(body.get("model") if isinstance(body, dict) else None)
+
+
 def chat(h):
-    _run(h, oa.parse_chat(h.json(), h.state.chat))
+    b = h.json()
+    _run(h, oa.parse_chat(b, _ctx(h, b)))
 
 
 def completions(h):
-    _run(h, oa.parse_completion(h.json(), h.state.chat))
+    b = h.json()
+    _run(h, oa.parse_completion(b, _ctx(h, b)))
 
 
 def embeddings(h):
-    h.send_json(200, oa.run_embeddings(h.json(), h.state.chat))
+    b = h.json()
+    h.send_json(200, oa.run_embeddings(b, _ctx(h, b)))
 
 
 def edits(h):
-    plan = oa.parse_edit(h.json(), h.state.chat)
+    b = h.json()
+    plan = oa.parse_edit(b, _ctx(h, b))
     h.send_json(200, oa.edit_response(oa.run_blocking(plan, h.runner())))
 
 
@@ -33,8 +44,8 @@ def register(t):
     o = {"dialect": "openai"}
     t.add("POST", ["/v1/chat/completions", "/chat/completions"], chat, auth=True, **o)
     t.add("POST", ["/v1/completions", "/v1/completion", "/completions"], completions, auth=True, **o)
-    t.add("GET", ["/v1/models", "/models"], lambda h: h.send_json(200, oa.models_list(h.state.model_name)), **o)
-    t.add("GET", "/v1/engines", lambda h: h.send_json(200, oa.engines_list(h.state.model_name)), **o)
+    t.add("GET", ["/v1/models", "/models"], routes_models.openai_models, **o)
+    t.add("GET", "/v1/engines", routes_models.openai_engines, **o)
     t.add("POST", ["/v1/embeddings", "/api/extra/embeddings"], embeddings, auth=True, **o)
     t.add("POST", "/v1/edits", edits, auth=True, **o)
     t.add("POST", "/v1/moderations", lambda h: h.send_json(200, oa.moderation(h.json(), h.state.chat)), auth=True, **o)
@@ -43,8 +54,7 @@ def register(t):
     # routes with an id in the path; any id answers with the loaded model
     t.add_pattern("GET", r"(?:/v1)?/models/[^/]+", "/v1/models/{model}",
                   lambda h: h.send_json(200, oa.model_card(h.state.model_name)), **o)
-    t.add_pattern("GET", r"/v1/engines/[^/]+", "/v1/engines/{engine}",
-                  lambda h: h.send_json(200, oa.engine_card(h.state.model_name)), **o)
+    t.add_pattern("GET", r"/v1/engines/[^/]+", "/v1/engines/{engine}", routes_models.engine_load, **o)
     for action in ("generate", "completions"):
         t.add_pattern("POST", rf"/v1/engines/[^/]+/{action}", f"/v1/engines/{{engine}}/{action}", completions,
                       auth=True, **o)
