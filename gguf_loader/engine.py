@@ -108,6 +108,20 @@ def _meta(model) -> Dict[str, str]:
     return out
 
 
+POOLING = {"mean": L.LLAMA_POOLING_TYPE_MEAN, "cls": L.LLAMA_POOLING_TYPE_CLS, "last": L.LLAMA_POOLING_TYPE_LAST}
+
+
+def _pooling_of(meta: Dict[str, str]) -> str:
+    """The pooling an embedding model was trained with ({arch}.pooling_type: 1 mean, 2 CLS, 3 last); models that
+    name none (or none usable here: rank, which scores pairs) are mean-pooled."""
+    v = meta.get(f"{meta.get('general.architecture', '')}.pooling_type")
+    try:
+        n = int(v) if v is not None else 1
+    except ValueError:
+        n = 1
+    return {L.LLAMA_POOLING_TYPE_CLS: "cls", L.LLAMA_POOLING_TYPE_LAST: "last"}.get(n, "mean")
+
+
 class _Vocab:
     """Tokenizer helpers bound to one model (thread-safe: the vocab is read-only)."""
 
@@ -428,7 +442,8 @@ class Engine:
         cp.n_threads = self.cfg.n_threads
         cp.n_threads_batch = self.cfg.n_threads
         cp.embeddings = True
-        cp.pooling_type = 1  # mean
+        self.embed_pooling = _pooling_of(_meta(model))
+        cp.pooling_type = POOLING[self.embed_pooling]
         cp.no_perf = True
         ctx = L.llama_init_from_model(model, cp)
         if not ctx:
@@ -439,7 +454,8 @@ class Engine:
         self._embed_dim = L.llama_model_n_embd(model)
 
     def embed(self, inputs: List[List[int]]) -> List[List[float]]:
-        """One mean-pooled, L2-normalised vector per token list (lists longer than the context are cut).
+        """One L2-normalised vector per token list, pooled as the model says (embed_pooling); lists longer than
+        the context are cut.
         Raises InvalidRequest for token ids outside the embedding model's vocabulary."""
         out = []
         with self._embed_lock:
