@@ -31,6 +31,8 @@ def modeldir(tmp_path_factory):
     w.add_context_length(128)
     w.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    # a .kcpps carries one model's own settings
+    (d / "smolcfg.kcpps").write_text('{"model": "smol.gguf", "contextsize": 320, "defaultgenamt": 20}')
     return d
 
 
@@ -73,9 +75,11 @@ def server(modeldir):
 
 def test_listing_offers_every_model_with_its_state(server):
     assert wait_states(server, {G: "loaded"}) == {
-        "koboldcpp/broken": "unloaded", G: "loaded", "koboldcpp/nosuch": "unloaded", S: "unloaded"}
+        "koboldcpp/broken": "unloaded", G: "loaded", "koboldcpp/nosuch": "unloaded", S: "unloaded",
+        "koboldcpp/smolcfg": "unloaded"}
     st, _, tags = http("GET", server.url + "/api/tags")
-    assert st == 200 and {m["name"] for m in tags["models"]} == {"koboldcpp/broken", G, "koboldcpp/nosuch", S}
+    assert st == 200 and {m["name"] for m in tags["models"]} == {"koboldcpp/broken", G, "koboldcpp/nosuch", S,
+                                                                 "koboldcpp/smolcfg"}
 
 
 def test_requests_switch_by_name_and_concurrent_ones_get_the_model_they_named(server):
@@ -100,7 +104,7 @@ def test_requests_switch_by_name_and_concurrent_ones_get_the_model_they_named(se
             results[i] = (m, complete(server, m))
         except Exception as e:  # reported below
             errors.append(e)
-    order = [G, S, G, S, S, G]
+    order = [G, S, G, S]
     threads = [threading.Thread(target=one, args=(i, m)) for i, m in enumerate(order)]
     for t in threads:
         t.start()
@@ -165,7 +169,7 @@ def test_admin_routes_need_the_admin_key(server):
     st, _, r = http("GET", server.url + "/api/admin/list_options")
     assert st == 401
     st, _, r = http("GET", server.url + "/api/admin/list_options", headers=KEY)
-    assert st == 200 and sorted(r) == ["broken.gguf", "gemma.gguf", "nosuch.gguf", "smol.gguf"]
+    assert st == 200 and sorted(r) == ["broken.gguf", "gemma.gguf", "nosuch.gguf", "smol.gguf", "smolcfg.kcpps"]
     # unknown names are 404 in each route's dialect
     st, _, r = http("POST", server.url + "/models/load", {"model": "nope"}, KEY)
     assert st == 404 and r["error"]["type"] == "not_found_error"
@@ -191,6 +195,19 @@ def test_admin_routes_need_the_admin_key(server):
     assert st == 200 and r == "OK" and states(server)[G] == "loaded"
 
 
+def test_a_kcpps_loads_its_model_with_its_own_settings(server):
+    st, _, r = http("POST", server.url + "/api/admin/reload_config", {"filename": "smolcfg.kcpps"}, KEY, timeout=180)
+    assert st == 200 and r["model"] == "koboldcpp/smolcfg"
+    assert http("GET", server.url + "/api/extra/true_max_context_length")[2]["value"] == 320
+    assert http("GET", server.url + "/api/v1/config/max_length")[2]["value"] == 20
+    assert http("GET", server.url + "/api/v1/model")[2]["result"] == "koboldcpp/smolcfg"
+    st, _, r = complete(server, "smolcfg", n=4)
+    assert st == 200 and r["model"] == "koboldcpp/smolcfg"
+    # the other models keep the server's settings
+    complete(server, G, n=1)
+    assert http("GET", server.url + "/api/extra/true_max_context_length")[2]["value"] == 512
+
+
 def test_load_routes_are_off_without_any_key(modeldir):
     with ServerProcess(None, "--model", str(modeldir / "smol.gguf"), "--modeldir", str(modeldir),
                        "--contextsize", "256") as s:
@@ -200,8 +217,12 @@ def test_load_routes_are_off_without_any_key(modeldir):
         assert st == 403 and "--adminpassword" in r["detail"]["msg"]
         # --password stands in for the admin key when no admin key is set
     with ServerProcess(None, "--model", str(modeldir / "smol.gguf"), "--modeldir", str(modeldir),
-                       "--contextsize", "256", "--password", "pw") as s:
-        st, _, r = http("POST", s.url + "/models/unload", {"model": "smol"}, {"Authorization": "Bearer pw"})
+                       "--contextsize", "256", "--password", "pw", "--embeddingsmodel", "gemma") as s:
+        pw = {"Authorization": "Bearer pw"}
+        # --embeddingsmodel may name an offered model; replies name the embeddings model
+        st, _, r = http("POST", s.url + "/v1/embeddings", {"input": "hello"}, pw)
+        assert st == 200 and r["model"] == "gemma" and len(r["data"][0]["embedding"]) == 640
+        st, _, r = http("POST", s.url + "/models/unload", {"model": "smol"}, pw)
         assert st == 200 and r["unloaded"] is True
 
 
