@@ -40,7 +40,7 @@ DESCRIPTIONS = {
     "/v1/models": ("OpenAI", "List every offered model with its state (status.value: loaded, loading, unloaded)"),
     "/models": ("OpenAI", "Alias of /v1/models"),
     "/v1/models/{model}": ("OpenAI", "Retrieve the loaded model (any id answers with the loaded model)"),
-    "/v1/embeddings": ("OpenAI", "Embeddings (mean-pooled, L2-normalised), float or base64"),
+    "/v1/embeddings": ("OpenAI", "Embeddings (pooled as the model says, L2-normalised), float or base64"),
     "/v1/engines": ("OpenAI (legacy)", "List engines (every offered model; ready when loaded)"),
     "/v1/engines/{engine}": ("OpenAI (legacy)", "Retrieve an engine; loads it when it is not loaded (admin key)"),
     "/models/load": ("Models", "Load a model (llama-server router); needs the admin key"),
