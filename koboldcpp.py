@@ -160,7 +160,12 @@ def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace, data
         if value is None:
             setattr(args, key, act.default)
             continue
-        if isinstance(act, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if isinstance(act, argparse._AppendAction):  # repeatable flags (--lora): a list, or one string
+            items = value if isinstance(value, list) else [value]
+            if not all(isinstance(x, str) for x in items):
+                raise ArgError(f"{source}: '{key}' must be a list of strings, got {value!r}")
+            value = list(items) or None
+        elif isinstance(act, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             if not isinstance(value, bool):
                 raise ArgError(f"{source}: '{key}' must be true or false, got {value!r}")
         elif act.type is not None:
@@ -331,10 +336,14 @@ def _model_args(args, spec):
         model = model[0] if model else None
     if not isinstance(model, str) or not model:
         raise ArgError(f"{spec.config} names no model file")
-    path = os.path.expanduser(model)
-    if not os.path.isabs(path):
-        path = os.path.join(os.path.dirname(spec.config), path)
-    return margs, os.path.abspath(path)
+    here = os.path.dirname(spec.config)
+
+    def near(p):  # a .kcpps names files relative to itself
+        p = os.path.expanduser(p)
+        return os.path.abspath(p if os.path.isabs(p) else os.path.join(here, p))
+    if "lora" in data and margs.lora:
+        margs.lora = [near(x) for x in margs.lora]
+    return margs, near(model)
 
 
 def _parse_loras(items):
