@@ -129,6 +129,13 @@ class ModelManager:
         """(spec, state) of every offered model, in offer order."""
         return [(s, self.state_of(s.id)) for s in self.specs.values()]
 
+    def peek(self, model_id: str):
+        """The loaded value of a model without leasing or loading it (None when not loaded): for reading plain
+        settings only, never the engine (it may be unloaded at any moment)."""
+        with self._cond:
+            e = self._loaded.get(model_id)
+            return e.value if e is not None else None
+
     def loaded_values(self) -> List[object]:
         with self._cond:
             return [e.value for e in self._loaded.values() if e.value is not None]

@@ -70,6 +70,14 @@ class ServerState:
                 raise ApiError(str(e), 503, "service_unavailable")
         return lease.value
 
+    def uses_jinja(self) -> bool:
+        """--jinja on the current model, without loading it (status routes that clients poll)."""
+        models = object.__getattribute__(self, "models")
+        if models is None:
+            return bool(self.chat.use_jinja)
+        served = models.peek(models.current)
+        return bool(served.chat.use_jinja) if served is not None else False
+
     def chat_for(self, name) -> Context:
         """The chat Context of the model a request's `model` field names (unknown names: the current model)."""
         return self.served(name if isinstance(name, str) else None).chat

@@ -136,7 +136,7 @@ def version(h):
         "result": "KoboldCpp", "version": s.api_version, "protected": bool(s.password), "llm": True,
         "txt2img": False, "vision": False, "audio": False, "transcribe": False, "multiplayer": False,
         "websearch": False, "tts": False, "embeddings": True, "savedata": False, "admin": 0, "guidance": False,
-        "jinja": bool(s.chat.use_jinja),
+        "jinja": s.uses_jinja(),  # polled by clients: never loads a model
     })
 
 

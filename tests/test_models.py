@@ -238,6 +238,10 @@ def test_idle_timeout_and_maxloadedmodels_2(modeldir):
         assert after[G] == "unloaded" and after[S] == "unloaded"
         rss_none = rss(s)
         assert rss_none < rss_both - 250 * MB, (rss_both / MB, rss_none / MB)
+        # what clients poll does not load a model back
+        for path in ("/api/v1/model", "/api/extra/version", "/v1/models", "/api/tags"):
+            assert http("GET", s.url + path)[0] == 200
+        assert states(s) == after
         # the next request loads the current model again
         st, _, r = complete(s, None)
         assert st == 200 and r["model"] == G
