@@ -129,6 +129,11 @@ class ModelManager:
         """(spec, state) of every offered model, in offer order."""
         return [(s, self.state_of(s.id)) for s in self.specs.values()]
 
+    def is_loaded(self, name=None) -> bool:
+        """Whether the model `name` selects (unknown: the current one) is loaded now."""
+        spec = self.find(name) or self.specs[self.current]
+        return self.state_of(spec.id) == "loaded"
+
     def peek(self, model_id: str):
         """The loaded value of a model without leasing or loading it (None when not loaded): for reading plain
         settings only, never the engine (it may be unloaded at any moment)."""

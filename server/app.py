@@ -54,9 +54,10 @@ class ServerState:
             return lease.value.model_name if lease is not None else self.models.current  # no load just to name it
         return object.__getattribute__(self, name)
 
-    def served(self, name=None) -> Served:
+    def served(self, name=None, waiting=None) -> Served:
         """The model this request runs on. The first call of a request leases it: the model `name` names, else the
-        current one (loading it if needed, waiting while it loads); later calls return the same one."""
+        current one (loading it if needed, waiting while it loads); later calls return the same one. `waiting()` is
+        called every KEEPALIVE_S while a load is awaited (streams send keep-alives); it may raise to give up."""
         models = object.__getattribute__(self, "models")
         if models is None:
             return Served(self.engine, self.model_name, self.chat, self.defaults)
@@ -65,9 +66,13 @@ class ServerState:
         if lease is None:
             from gguf_loader.models import LoadFailed
             try:
-                lease = loc.lease = models.acquire(name)
+                if waiting is not None and not models.is_loaded(name):
+                    lease = _acquire_while(models, name, waiting)
+                else:
+                    lease = models.acquire(name)
             except LoadFailed as e:
                 raise ApiError(str(e), 503, "service_unavailable")
+            loc.lease = lease
         return lease.value
 
     def uses_jinja(self) -> bool:
@@ -89,6 +94,41 @@ class ServerState:
         if lease is not None:
             loc.lease = None
             lease.release()
+
+
+KEEPALIVE_S = 2.0
+
+
+def _acquire_while(models, name, waiting):
+    """models.acquire(name) on a helper thread, calling waiting() every KEEPALIVE_S until it returns; a lease that
+    arrives after the caller gave up is released at once."""
+    box, lock, done = {}, threading.Lock(), threading.Event()
+
+    def run():
+        try:
+            r = models.acquire(name)
+        except Exception as e:  # handed to the caller
+            r = e
+        with lock:
+            if box.get("abandoned") and not isinstance(r, Exception):
+                r.release()
+            box["result"] = r
+        done.set()
+    threading.Thread(target=run, name="model-wait", daemon=True).start()
+    try:
+        while not done.wait(KEEPALIVE_S):
+            waiting()
+    except BaseException:
+        with lock:
+            box["abandoned"] = True
+            r = box.get("result")
+            if r is not None and not isinstance(r, Exception):
+                r.release()
+        raise
+    r = box["result"]
+    if isinstance(r, Exception):
+        raise r
+    return r
 
 
 def build_routes() -> RouteTable:

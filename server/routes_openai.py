@@ -1,7 +1,11 @@
 """The OpenAI-compatible API under /v1 (and KoboldCpp's aliases of it)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from adapters import openai as oa
+from adapters import sse
+from adapters.errors import ApiError, error_body
 
 from . import routes_models
 
@@ -15,18 +19,41 @@ def _run(h, plan):
 
 
 def _ctx(h, body):
-    """The chat Context of the model the body's `model` names (unknown or absent: the current model)."""
-    return h.state.chat_for(body.get("model") if isinstance(body, dict) else None)
+    """The chat Context of the model the body's `model` names (unknown or absent: the current model). A stream
+    waiting for its model to load gets SSE keep-alive comments meanwhile."""
+    name = body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else None
+    if isinstance(body, dict) and body.get("stream") is True:
+        h.state.served(name, waiting=lambda: _keep_alive(h))
+    return h.state.chat_for(name)
+
+
+def _keep_alive(h):
+    if h.status_sent is None:
+        h._start_stream(sse.SSE_HEADERS)
+    h.write(sse.comment("loading the model"))
+
+
+@contextmanager
+def _stream_errors(h):
+    """Errors after keep-alives started the stream end it with an OpenAI error event (the SDKs raise on it)."""
+    try:
+        yield
+    except ApiError as e:
+        if h.status_sent is None:
+            raise
+        h.write(sse.event(error_body("openai", e)))
 
 
 def chat(h):
     b = h.json()
-    _run(h, oa.parse_chat(b, _ctx(h, b)))
+    with _stream_errors(h):
+        _run(h, oa.parse_chat(b, _ctx(h, b)))
 
 
 def completions(h):
     b = h.json()
-    _run(h, oa.parse_completion(b, _ctx(h, b)))
+    with _stream_errors(h):
+        _run(h, oa.parse_completion(b, _ctx(h, b)))
 
 
 def embeddings(h):

@@ -1,6 +1,7 @@
 """Several models over real HTTP: the bundled Gemma 3 270M and SmolLM2-135M offered from one --modeldir, requests
 routed by their `model`, LRU and idle-timeout unloads with the server's RSS measured, failed loads that leave the
 previous model serving, and the admin key on the load/unload routes."""
+import json
 import os
 import threading
 import time
@@ -245,3 +246,25 @@ def test_idle_timeout_and_maxloadedmodels_2(modeldir):
         # the next request loads the current model again
         st, _, r = complete(s, None)
         assert st == 200 and r["model"] == G
+
+
+def test_a_stream_waiting_for_its_model_gets_keep_alives(server):
+    import http.client
+    complete(server, G, n=1)
+    assert wait_states(server, {S: "unloaded"})[S] == "unloaded"
+    # make loading slow enough to see: a long generation on Gemma holds the switch until it ends
+    hold = threading.Thread(target=complete, args=(server, G), kwargs={"n": 60, "prompt": "Once"})
+    hold.start()
+    time.sleep(1.0)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+    conn.request("POST", "/v1/completions", json.dumps({"model": "smol", "prompt": "Hi", "max_tokens": 3,
+                                                         "stream": True, "temperature": 0}),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
+    raw = resp.read().decode()
+    conn.close()
+    hold.join(300)
+    assert raw.startswith(": loading the model\n\n"), raw[:200]
+    events = [json.loads(x[6:]) for x in raw.split("\n\n") if x.startswith("data: {")]
+    assert events and all(e["model"] == S for e in events) and raw.rstrip().endswith("data: [DONE]")
