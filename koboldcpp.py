@@ -88,7 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reasoningformat", choices=("separate", "none", "drop"), default="separate",
                    help="a model's thinking in chat replies: separate (reasoning_content / thinking), none (left in "
                         "the text), drop (removed)")
-    p.add_argument("--embeddingsmodel", default=None, help="separate GGUF model for /v1/embeddings")
+    p.add_argument("--embeddingsmodel", default=None,
+                   help="separate GGUF model for /v1/embeddings (a file, or the name of a model in --modeldir)")
+    p.add_argument("--modeldir", default=None, metavar="DIR",
+                   help="offer every .gguf and .kcpps in DIR; a request's 'model' picks one (loaded on demand)")
+    p.add_argument("--maxloadedmodels", type=_int_range(1, 64, "--maxloadedmodels"), default=1,
+                   help="models held loaded at once; past that the least recently used idle one is unloaded")
+    p.add_argument("--unloadtimeout", type=_int_range(0, 10**7, "--unloadtimeout"), default=0, metavar="S",
+                   help="unload a model idle for S seconds (0: never)")
+    p.add_argument("--adminpassword", default=None,
+                   help="key for the model load/unload routes (default: --password; with neither they are off)")
+    p.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
+                   help="LoRA adapter applied at load, with an optional scale (default 1); repeatable")
+    p.add_argument("--quantkv", type=_int_range(0, 2, "--quantkv"), default=0,
+                   help="KV cache type: 0 f16, 1 q8_0, 2 q4_0 (1 and 2 need --flashattention)")
     p.add_argument("--rerankmodel", default=None, metavar="FILE",
                    help="reranker GGUF (e.g. bge-reranker, Qwen3-Reranker) for /v1/rerank, loaded with rank pooling")
     p.add_argument("--mmproj", default=None, help="vision/audio projector (mmproj GGUF) made for the model")
@@ -164,7 +177,12 @@ def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace, data
         if value is None:
             setattr(args, key, act.default)
             continue
-        if isinstance(act, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if isinstance(act, argparse._AppendAction):  # repeatable flags (--lora): a list, or one string
+            items = value if isinstance(value, list) else [value]
+            if not all(isinstance(x, str) for x in items):
+                raise ArgError(f"{source}: '{key}' must be a list of strings, got {value!r}")
+            value = list(items) or None
+        elif isinstance(act, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             if not isinstance(value, bool):
                 raise ArgError(f"{source}: '{key}' must be true or false, got {value!r}")
         elif act.type is not None:
@@ -192,6 +210,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         explicit = _explicit_dests(parser, argv)
         apply_config(parser, args, load_config_file(args.config), explicit, args.config)
     finalize_args(args)
+    if args.quantkv and not args.flashattention:
+        raise ArgError(_QUANTKV_NEEDS_FA)
+    _parse_loras(args.lora)
     if args.showgui and args.skiplauncher:
         raise ArgError("--showgui and --skiplauncher cannot be used together")
     check_horde_args(args)
@@ -294,7 +315,7 @@ def _chat_context(args, engine, model_name):
 
 def _banner(args, state, url, host, threads, max_queue, model_path):
     e, rule = state.engine, "=" * 72
-    lines = [rule, f"Model:    {state.model_name}  ({model_path})",
+    lines = [rule, f"Model:    {state.served().model_name}  ({model_path})",
              f"Context:  {e.n_ctx} tokens (trained {e.n_ctx_train}), threads {threads}, slots {e.n_slots}, "
              f"queue {max_queue}",
              f"Serving:  {url}   (web page at {url}/ , KoboldCpp API at {url}/api , OpenAI API at {url}/v1)"]
@@ -305,25 +326,153 @@ def _banner(args, state, url, host, threads, max_queue, model_path):
     print("\n".join(lines + ["Press Ctrl+C to stop.", rule]), flush=True)
 
 
-def serve(args: argparse.Namespace) -> int:
+def _offered_models(args):
+    """-> (specs, default id) or raises ArgError. --model (or the bundled model) and every model in --modeldir."""
+    from gguf_loader.models import ModelSpec, model_id, scan_dir
+    specs = []
+    if args.modeldir:
+        d = os.path.abspath(os.path.expanduser(args.modeldir))
+        if not os.path.isdir(d):
+            raise ArgError(f"--modeldir {args.modeldir}: not a folder")
+        specs = scan_dir(d)
+        if not specs and not args.model:
+            raise ArgError(f"--modeldir {args.modeldir}: no .gguf or .kcpps files in it")
+    default = None
+    if args.model or not specs:
+        path, rc = _model_path(args)
+        if rc is not None:
+            raise ArgError("no model")
+        mid = friendly_model_name(args, path)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        specs = [s for s in specs if s.id != mid]
+        specs.insert(0, ModelSpec(mid, path, None, [stem, os.path.basename(path), model_id(path)]))
+        default = mid
+    return specs, default or specs[0].id
+
+
+def _model_args(args, spec):
+    """The settings one model loads with: the server's, with its .kcpps laid over them. -> (args, gguf path)."""
+    import copy
+    margs = copy.copy(args)
+    if not spec.config:
+        return margs, spec.path
+    parser = build_parser()
+    data = load_config_file(spec.config)
+    apply_config(parser, margs, data, set(), spec.config)
+    model = data.get("model") or data.get("model_param")
+    if isinstance(model, list):
+        model = model[0] if model else None
+    if not isinstance(model, str) or not model:
+        raise ArgError(f"{spec.config} names no model file")
+    here = os.path.dirname(spec.config)
+
+    def near(p):  # a .kcpps names files relative to itself
+        p = os.path.expanduser(p)
+        return os.path.abspath(p if os.path.isabs(p) else os.path.join(here, p))
+    if "lora" in data and margs.lora:
+        margs.lora = [near(x) for x in margs.lora]
+    if data.get("mmproj") and margs.mmproj:
+        margs.mmproj = near(margs.mmproj)
+    return margs, near(model)
+
+
+def _parse_loras(items):
+    """--lora FILE[:SCALE] values -> [(path, scale)]; raises ArgError."""
+    out = []
+    for item in items or []:
+        path, scale = item, 1.0
+        head, sep, tail = item.rpartition(":")
+        if sep and head and re.fullmatch(r"[-+]?\d+(\.\d*)?|[-+]?\.\d+", tail):
+            path, scale = head, float(tail)
+        if not os.path.isfile(path):
+            raise ArgError(f"--lora {item}: file not found")
+        if not -100.0 <= scale <= 100.0:
+            raise ArgError(f"--lora {item}: scale must be between -100 and 100")
+        out.append((os.path.abspath(path), scale))
+    return out
+
+
+def _check_model(args, spec, embeddings_path):
+    """Read a model's GGUF header (and its own settings) before anything is unloaded for it; raises."""
+    import gguf_loader
+    margs, path = _model_args(args, spec)
+    gguf_loader.inspect(path)
+    _parse_loras(margs.lora)
+    if margs.quantkv and not margs.flashattention:
+        raise ArgError(_QUANTKV_NEEDS_FA)
+    return margs, path
+
+
+_QUANTKV_NEEDS_FA = "--quantkv 1 and 2 quantize the V cache, which llama.cpp allows only with --flashattention"
+
+
+def _load_served(args, spec, embeddings_path, max_queue, threads, own_mmproj: bool, on_progress=None):
+    """Build one offered model: engine + chat context + native defaults (the ModelManager's load function).
+    The server's --mmproj belongs to the --model model (`own_mmproj`); a .kcpps may name its model's own."""
     import gguf_loader
     from adapters import kobold
+    from adapters.media import MediaPolicy
+    from gguf_loader.engine import Engine, EngineConfig, ModelLoadError
+    from server.app import Served
+    margs, path = _check_model(args, spec, embeddings_path)
+    info = gguf_loader.inspect(path)
+    n_ctx = margs.contextsize
+    if info.context_length and n_ctx > info.context_length:
+        print(f"Context size {n_ctx} is larger than the model's trained context {info.context_length}; "
+              f"using {info.context_length}.")
+        n_ctx = info.context_length
+    mmproj = margs.mmproj if (own_mmproj or spec.config) else None
+    cfg = EngineConfig(path, n_ctx=n_ctx, n_threads=threads, n_batch=margs.batchsize,
+                       n_gpu_layers=margs.gpulayers, flash_attn=margs.flashattention, use_mmap=margs.usemmap,
+                       use_mlock=margs.usemlock, n_slots=margs.parallelrequests, max_queue=max_queue,
+                       fastforward=not margs.nofastforward, contextshift=not margs.noshift, quiet=margs.quiet,
+                       embedding_model_path=embeddings_path, rerank_model_path=args.rerankmodel,
+                       mmproj_path=mmproj, on_load_progress=on_progress, loras=_parse_loras(margs.lora),
+                       kv_type=margs.quantkv)
+    engine = Engine(cfg)
+    try:
+        if args.rerankmodel:
+            try:
+                engine.load_reranker()
+            except ModelLoadError as e:
+                raise ArgError(f"--rerankmodel: {e}")
+        chat = _chat_context(margs, engine, spec.id)
+    except ArgError:
+        engine.close()
+        raise
+    media = MediaPolicy(vision=engine.vision, audio=engine.audio, max_res=margs.visionmaxres,
+                        allow_remote=margs.allowremotemedia,
+                        max_bytes=min(margs.maxrequestsize * 1024 * 1024, 20 * 1024 * 1024))
+    chat.media = media
+    defaults = kobold.GenDefaults(max_length=margs.defaultgenamt, max_context_length=engine.n_ctx,
+                                  n_vocab=engine.n_vocab, instruct_tags=chat.adapter, media=media)
+    return Served(engine, spec.id, chat, defaults)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import gguf_loader
+    from gguf_loader.models import LoadFailed, ModelManager
     from server.app import ServerState, build_server
     from server.http import log_line
     from server.ops import LoadStatus, PromptProgressLog
 
     try:
         check_horde_args(args)  # the launcher's settings skip parse_args
+        if args.hordekey and args.modeldir:
+            raise ArgError("--hordekey serves one model: use it with --model, not --modeldir")
     except ArgError as e:
         return _err(str(e), 2)
-    model_path, rc = _model_path(args)
-    if rc is not None:
-        return rc
     try:
-        info = gguf_loader.inspect(model_path)
+        specs, default = _offered_models(args)
+    except ArgError as e:
+        return _err(str(e)) if str(e) != "no model" else 1
+    try:
+        embeddings_path = None
         if args.embeddingsmodel:
+            named = next((s for s in specs if args.embeddingsmodel in [s.id] + s.aliases), None)
+            embeddings_path = os.path.abspath(named.path if named and not named.config else args.embeddingsmodel)
             try:
-                gguf_loader.inspect(args.embeddingsmodel)
+                gguf_loader.inspect(embeddings_path)
             except gguf_loader.GGUFError as e:
                 raise gguf_loader.GGUFError(f"--embeddingsmodel: {e}")
         if args.rerankmodel:
@@ -331,15 +480,18 @@ def serve(args: argparse.Namespace) -> int:
                 gguf_loader.inspect(args.rerankmodel)
             except gguf_loader.GGUFError as e:
                 raise gguf_loader.GGUFError(f"--rerankmodel: {e}")
-        if args.mmproj:
+        preload = read_json_file(args.preloadstory, "--preloadstory file") if args.preloadstory else None
+        default_spec = next(s for s in specs if s.id == default)
+        margs, default_path = _check_model(args, default_spec, embeddings_path)
+        own_mmproj = bool(args.model or not args.modeldir)
+        if margs.mmproj and (own_mmproj or default_spec.config):
             from gguf_loader.inspect import inspect_projector
             try:
-                proj = inspect_projector(args.mmproj, info.n_embd)
+                proj = inspect_projector(margs.mmproj, gguf_loader.inspect(default_path).n_embd)
             except gguf_loader.GGUFError as e:
                 raise gguf_loader.GGUFError(f"--mmproj: {e}")
             print(f"Projector: {proj.describe()}")
-        preload = read_json_file(args.preloadstory, "--preloadstory file") if args.preloadstory else None
-    except (gguf_loader.GGUFError, ArgError) as e:
+    except Exception as e:  # GGUFError, ArgError: the first model is checked before the port opens
         return _err(str(e))
 
     host = args.host or ""
@@ -350,17 +502,12 @@ def serve(args: argparse.Namespace) -> int:
             return _err(f"port {args.port} is already in use (another server running?); pick another with --port")
         return _err(f"cannot listen on {host or '*'}:{args.port}: {e.strerror or e}")
 
-    n_ctx = args.contextsize
-    if info.context_length and n_ctx > info.context_length:
-        print(f"Context size {n_ctx} is larger than the model's trained context {info.context_length}; "
-              f"using {info.context_length}.")
-        n_ctx = info.context_length
     threads = args.threads if args.threads > 0 else default_threads()
     max_queue = args.multiuser - 1 if args.multiuser > 1 else (6 if args.multiuser == 1 else 0)
 
-    # The port serves while the model loads: /health says "loading" (with progress), everything else 503.
+    # The port serves while the first model loads: /health says "loading" (with progress), everything else 503.
     stopping = threading.Event()
-    httpd.load = LoadStatus(model_path, cancelled=stopping.is_set)
+    httpd.load = LoadStatus(default_path, cancelled=stopping.is_set)
     server_thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.5}, name="http",
                                      daemon=True)
     server_thread.start()
@@ -376,64 +523,58 @@ def serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError):  # not the main thread (embedded use)
         pass
 
-    from gguf_loader.engine import Engine, EngineConfig, ModelLoadError
-    cfg = EngineConfig(model_path, n_ctx=n_ctx, n_threads=threads, n_batch=args.batchsize,
-                       n_gpu_layers=args.gpulayers, flash_attn=args.flashattention, use_mmap=args.usemmap,
-                       use_mlock=args.usemlock, n_slots=args.parallelrequests, max_queue=max_queue,
-                       fastforward=not args.nofastforward, contextshift=not args.noshift, quiet=args.quiet,
-                       embedding_model_path=args.embeddingsmodel, rerank_model_path=args.rerankmodel,
-                       mmproj_path=args.mmproj, on_load_progress=httpd.load.update)
-    print(f"Loading {model_path} ...", flush=True)
+    def progress(p: float) -> bool:
+        load = httpd.load
+        return load.update(p) if load is not None else not stopping.is_set()
+
+    def close_served(served):
+        served.engine.close()
+    models = ModelManager(specs, lambda spec: _load_served(args, spec, embeddings_path, max_queue, threads,
+                                                           spec.id == default and own_mmproj, progress),
+                          close_served, lambda served: served.engine.busy,
+                          check=lambda spec: _check_model(args, spec, embeddings_path), default=default,
+                          max_loaded=args.maxloadedmodels, unload_timeout=args.unloadtimeout)
+    print(f"Loading {default_spec.path} ...", flush=True)
 
     def close_http():
         stop_server()
         server_thread.join(5)
         httpd.server_close()
     try:
-        engine = Engine(cfg)
+        models.wait_loaded(default)
     except KeyboardInterrupt:
         close_http()
+        models.close()
         return _err("interrupted while loading the model", 130)
-    except Exception as e:
+    except LoadFailed as e:
         close_http()
+        models.close()
         if stopping.is_set():
             return _err("stopped while loading the model", 130)
-        return _err(str(e) if isinstance(e, ModelLoadError) else f"could not load {model_path}: {type(e).__name__}: {e}")
-
-    if args.rerankmodel:
-        try:
-            engine.load_reranker()
-        except ModelLoadError as e:
-            httpd.server_close()
-            engine.close()
-            return _err(f"--rerankmodel: {e}")
-    model_name = friendly_model_name(args, model_path)
-    try:
-        chat = _chat_context(args, engine, model_name)
-    except ArgError as e:
-        close_http()
-        engine.close()
         return _err(str(e))
-    from adapters.media import MediaPolicy
-    media = MediaPolicy(vision=engine.vision, audio=engine.audio, max_res=args.visionmaxres,
-                        allow_remote=args.allowremotemedia, max_bytes=min(args.maxrequestsize * 1024 * 1024,
-                                                                          20 * 1024 * 1024))
-    chat.media = media
-    defaults = kobold.GenDefaults(max_length=args.defaultgenamt, max_context_length=engine.n_ctx,
-                                  n_vocab=engine.n_vocab, instruct_tags=chat.adapter, media=media)
+
     state = ServerState(
-        engine=engine, model_name=model_name, password=args.password or None,
-        max_body=args.maxrequestsize * 1024 * 1024, quiet=args.quiet, defaults=defaults,
-        chat=chat, program_version=PROGRAM_VERSION, preloadstory=preload,
-        sdurl=args.sdurl or os.environ.get("SD_WEBUI_URL") or None, api_version=VERSION)
+        engine=None, model_name=default, password=args.password or None,
+        max_body=args.maxrequestsize * 1024 * 1024, quiet=args.quiet, defaults=None, chat=None,
+        program_version=PROGRAM_VERSION, preloadstory=preload,
+        sdurl=args.sdurl or os.environ.get("SD_WEBUI_URL") or None, api_version=VERSION, models=models,
+        admin_password=args.adminpassword or None)
 
     shown_host = "localhost" if host in ("", "0.0.0.0", "::", "127.0.0.1", "::1") else host
     url = f"http://{shown_host if ':' not in shown_host else '[' + shown_host + ']'}:{args.port}"
-    _banner(args, state, url, host, threads, max_queue, model_path)
-    progress_log = PromptProgressLog(engine)
+    _banner(args, state, url, host, threads, max_queue, default_spec.path)
+    state.end_request()
+    if len(specs) > 1:
+        print(f"Models offered ({len(specs)}, up to {args.maxloadedmodels} loaded at once): "
+              + ", ".join(s.id for s in specs), flush=True)
+    progress_log = PromptProgressLog(lambda: [v.engine for v in models.loaded_values()])
     progress_log.start()
-    horde = _start_horde(args, engine, defaults, model_name, log_line)
-    if horde:
+    horde_lease = None
+    horde = None
+    if args.hordekey:  # the Horde worker keeps its (only) model loaded for as long as it runs
+        horde_lease = models.acquire(default)
+        served = horde_lease.value
+        horde = _start_horde(args, served.engine, served.defaults, served.model_name, log_line)
         httpd.extras["horde"] = horde
     httpd.state = state  # from here on every route answers
     httpd.load = None
@@ -450,9 +591,11 @@ def serve(args: argparse.Namespace) -> int:
         print("Shutting down.", flush=True)
         if horde:
             horde.stop()
+        if horde_lease:
+            horde_lease.release()
         progress_log.stop()
         close_http()
-        engine.close()
+        models.close()
     return 0
 
 

@@ -341,3 +341,21 @@ def banned_phrases(b: Body) -> List[str]:
 
 def genkey(b: Body) -> str:
     return b.str("genkey")[:MAX_GENKEY]
+
+
+def lora(b: Body, n_adapters: int):
+    """llama-server's per-request adapter scales `lora: [{"id": N, "scale": X}]` -> {id: scale} (None: absent)."""
+    v = b.data.get("lora")
+    if v is None:
+        return None
+    if not isinstance(v, list) or len(v) > 64:
+        raise BadRequest("'lora' must be a list of {\"id\": N, \"scale\": X} objects", param="lora")
+    if v and n_adapters == 0:
+        raise BadRequest("this model was loaded with no LoRA adapters (--lora)", param="lora")
+    out = {}
+    for item in v:
+        if not isinstance(item, dict):
+            raise BadRequest("'lora' must be a list of {\"id\": N, \"scale\": X} objects", param="lora")
+        i = bounded("lora id", item.get("id"), 0, max(0, n_adapters - 1), integer=True)
+        out[int(i)] = float(bounded("lora scale", item.get("scale", 1.0), -100.0, 100.0))
+    return out

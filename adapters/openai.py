@@ -111,7 +111,7 @@ def _template(b: F.Body, ctx: Context, adapter: dict, lp: Optional[int]) -> GenR
                       stop=_stops(b, adapter), banned_phrases=F.banned_phrases(b),
                       trim_stop=True, bypass_eos=b.bool("bypass_eos", lenient=True),
                       render_special=b.bool("render_special", lenient=True), logprobs=lp is not None,
-                      top_logprobs=lp or 0, genkey=F.genkey(b))
+                      top_logprobs=lp or 0, genkey=F.genkey(b), lora=F.lora(b, len(getattr(ctx.engine, "loras", ()))))
 
 
 def _seeds(b: F.Body, n: int) -> List[Optional[int]]:

@@ -46,12 +46,17 @@ DESCRIPTIONS = {
     "/v1/completions": ("OpenAI", "Text completion (prompt -> text); stream with SSE"),
     "/v1/completion": ("OpenAI", "Alias of /v1/completions"),
     "/completions": ("OpenAI", "Alias of /v1/completions"),
-    "/v1/models": ("OpenAI", "List the loaded model"),
+    "/v1/models": ("OpenAI", "List every offered model with its state (status.value: loaded, loading, unloaded)"),
     "/models": ("OpenAI", "Alias of /v1/models"),
     "/v1/models/{model}": ("OpenAI", "Retrieve the loaded model (any id answers with the loaded model)"),
-    "/v1/embeddings": ("OpenAI", "Embeddings (mean-pooled, L2-normalised), float or base64"),
-    "/v1/engines": ("OpenAI (legacy)", "List engines (the loaded model)"),
-    "/v1/engines/{engine}": ("OpenAI (legacy)", "Retrieve an engine"),
+    "/v1/embeddings": ("OpenAI", "Embeddings (pooled as the model says, L2-normalised), float or base64"),
+    "/v1/engines": ("OpenAI (legacy)", "List engines (every offered model; ready when loaded)"),
+    "/v1/engines/{engine}": ("OpenAI (legacy)", "Retrieve an engine; loads it when it is not loaded (admin key)"),
+    "/models/load": ("Models", "Load a model (llama-server router); needs the admin key"),
+    "/models/unload": ("Models", "Unload a model (llama-server router); needs the admin key"),
+    "/v1/internal/model/load": ("Models", "Load a model (text-generation-webui); needs the admin key"),
+    "/api/admin/list_options": ("Models", "Files offered by --modeldir (KoboldCpp admin); needs the admin key"),
+    "/api/admin/reload_config": ("Models", "Switch to a model or .kcpps (KoboldCpp admin); needs the admin key"),
     "/v1/engines/{engine}/generate": ("OpenAI (legacy)", "Text completion (same body as /v1/completions)"),
     "/v1/engines/{engine}/completions": ("OpenAI (legacy)", "Text completion (same body as /v1/completions)"),
     "/v1/engines/{engine}/embeddings": ("OpenAI (legacy)", "Embeddings (same body as /v1/embeddings)"),
@@ -60,8 +65,8 @@ DESCRIPTIONS = {
                                            "not flagged (all categories false, scores 0)"),
     "/v1/images/generations": ("OpenAI", "Image generation forwarded to an Automatic1111 server (--sdurl or "
                                          "SD_WEBUI_URL); 501 when none is configured"),
-    "/api/tags": ("Ollama", "List the loaded model"),
-    "/api/ps": ("Ollama", "Running models (the loaded model)"),
+    "/api/tags": ("Ollama", "List every offered model"),
+    "/api/ps": ("Ollama", "Running models (the loaded ones)"),
     "/api/version": ("Ollama", "Ollama API version"),
     "/api/generate": ("Ollama", "Generate (prompt, system, options); NDJSON stream unless stream is false"),
     "/api/chat": ("Ollama", "Chat (messages, options, tools); NDJSON stream unless stream is false"),
@@ -223,7 +228,8 @@ SCHEMAS = {
             "logprobs": {"anyOf": [{"type": "null"}, _COMPLETION_LOGPROBS]}},
             ["index", "text", "finish_reason", "logprobs"]), minItems=1),
         "usage": _USAGE}, ["id", "object", "created", "model", "choices", "usage"]),
-    "Model": _obj({"id": _STR, "object": {"const": "model"}, "created": _INT, "owned_by": _STR},
+    "Model": _obj({"id": _STR, "object": {"const": "model"}, "created": _INT, "owned_by": _STR,
+                   "status": _obj({"value": {"enum": ["loaded", "loading", "unloaded"]}})},
                   ["id", "object", "created", "owned_by"]),
     "ModelList": _obj({"object": {"const": "list"}, "data": _arr(_ref("Model"))}, ["object", "data"]),
     "Engine": _obj({"id": _STR, "object": {"const": "engine"}, "owner": _STR, "ready": _BOOL},
@@ -524,6 +530,10 @@ BODIES = {
     "/api/generate": _OLLAMA_GENERATE_BODY,
     "/api/chat": _OLLAMA_CHAT_BODY,
 }
+_MODEL_NAME = {"type": "string", "description": "a model id from /v1/models, its file stem or file name"}
+BODIES["/models/load"] = BODIES["/models/unload"] = _obj({"model": _MODEL_NAME}, ["model"])
+BODIES["/v1/internal/model/load"] = _obj({"model_name": _MODEL_NAME}, ["model_name"])
+BODIES["/api/admin/reload_config"] = _obj({"filename": _MODEL_NAME}, ["filename"])
 BODIES["/chat/completions"] = BODIES["/v1/chat/completions"]
 for _p in ("/v1/completion", "/completions", "/v1/engines/{engine}/generate", "/v1/engines/{engine}/completions"):
     BODIES[_p] = BODIES["/v1/completions"]
@@ -650,6 +660,11 @@ REPLIES = {
     "/v1/responses/input_tokens": {_JSON: _ref("ResponseInputTokens")},
     "/v1/responses/{response_id}": {_JSON: {"anyOf": [_ref("Response"), _ref("ResponseDeleted")]}},
     "/api/version": {_JSON: _ref("OllamaVersion")},
+    "/models/load": {_JSON: _obj({"success": _BOOL, "model": _STR})},
+    "/api/admin/reload_config": {_JSON: _obj({"success": _BOOL, "model": _STR})},
+    "/models/unload": {_JSON: _obj({"success": _BOOL, "unloaded": _BOOL})},
+    "/v1/internal/model/load": {_JSON: {"const": "OK"}},
+    "/api/admin/list_options": {_JSON: _arr(_STR)},
     "/api/generate": {_JSON: dict(_ref("OllamaGenerate"), description="with stream: false"),
                       "application/x-ndjson": _NDJSON},
     "/api/chat": {_JSON: dict(_ref("OllamaChat"), description="with stream: false"),
@@ -664,11 +679,15 @@ _GENERATING = {"/api/v1/generate", "/api/extra/generate/stream", "/v1/chat/compl
 _NEEDS_MODEL = {"/v1/rerank", "/rerank", "/v1/reranking", "/reranking"}  # 501 without --rerankmodel
 _ERROR_SCHEMA = {"openai": "OpenAIError", "ollama": "OllamaError", "kobold": "KoboldError",
                  "anthropic": "AnthropicError"}
+# routes that load models: the admin key, and a model that cannot load
+_ADMIN = {"/models/load", "/models/unload", "/v1/internal/model/load", "/api/admin/list_options",
+          "/api/admin/reload_config", "/v1/engines/{engine}"}
 _ERROR_TEXT = {400: "invalid body or parameter", 401: "missing or wrong API key (--password)",
                404: "no such route", 405: "method not allowed on this path (the Allow header lists the right ones)",
+               403: "loading models through the API is off (no --adminpassword or --password)",
                413: "body larger than --maxrequestsize", 501: "not configured", 502: "the upstream server failed",
-               503: "the request queue is full, or (/health, /slots with fail_on_no_slot) no slot is idle; retry "
-                    "later"}
+               503: "the request queue is full (retry later), the model it names could not load, or (/health, "
+                    "/slots with fail_on_no_slot) no slot is idle"}
 
 
 def _error(status: int, dialect: str) -> dict:
@@ -713,11 +732,14 @@ def build(routes: Iterable[Tuple[str, str, bool, str]], version: str, title: str
             codes.append(401)
         if path in _GENERATING or path in ("/health", "/slots"):
             codes.append(503)
+        if path in _ADMIN:
+            op["security"] = [{"bearer": []}]
+            codes += [401, 403, 503]
         if "images/generations" in path:
             codes += [501, 502]
         if path in _NEEDS_MODEL:
             codes.append(501)
-        for c in sorted(codes):
+        for c in sorted(set(codes)):
             op["responses"][str(c)] = _error(c, dialect)
         if path in ("/health", "/slots"):  # llama-server's unavailable shape, not the dialect's error
             op["responses"]["503"] = {"description": "loading, or no idle slot with fail_on_no_slot",

@@ -20,8 +20,8 @@ import queue
 import random
 import threading
 import time
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -58,8 +58,11 @@ class EngineConfig:
     rerank_model_path: Optional[str] = None  # a reranker GGUF (rank pooling) for /v1/rerank
     mmproj_path: Optional[str] = None  # vision/audio projector (llama.cpp mtmd)
     on_load_progress: Optional[Callable[[float], bool]] = None  # 0..1 while loading; False cancels the load
+    loras: List[Tuple[str, float]] = field(default_factory=list)  # (adapter file, scale), applied at load
+    kv_type: int = 0  # --quantkv: 0 f16, 1 q8_0, 2 q4_0 (K and V; V quantized needs flash attention)
 
 
+KV_TYPES = {0: ("f16", L.GGML_TYPE_F16), 1: ("q8_0", L.GGML_TYPE_Q8_0), 2: ("q4_0", L.GGML_TYPE_Q4_0)}
 _MEDIA_BITS = 20  # stand-in ids: -(1 + (ident << 20) + i) for token i of a media chunk
 
 
@@ -148,6 +151,20 @@ def _meta(model) -> Dict[str, str]:
     return out
 
 
+POOLING = {"mean": L.LLAMA_POOLING_TYPE_MEAN, "cls": L.LLAMA_POOLING_TYPE_CLS, "last": L.LLAMA_POOLING_TYPE_LAST}
+
+
+def _pooling_of(meta: Dict[str, str]) -> str:
+    """The pooling an embedding model was trained with ({arch}.pooling_type: 1 mean, 2 CLS, 3 last); models that
+    name none (or none usable here: rank, which scores pairs) are mean-pooled."""
+    v = meta.get(f"{meta.get('general.architecture', '')}.pooling_type")
+    try:
+        n = int(v) if v is not None else 1
+    except ValueError:
+        n = 1
+    return {L.LLAMA_POOLING_TYPE_CLS: "cls", L.LLAMA_POOLING_TYPE_LAST: "last"}.get(n, "mean")
+
+
 class _Vocab:
     """Tokenizer helpers bound to one model (thread-safe: the vocab is read-only)."""
 
@@ -216,6 +233,7 @@ class _Slot:
         self.cache: List[int] = []  # tokens whose K/V sit in this sequence
         self.pos_gap = 0  # M-RoPE: cache entries minus positions used (media take fewer positions than embeddings)
         self.shifted_at: Optional[int] = None  # cache entries from here on were moved by ContextShift
+        self.lora: tuple = ()  # the adapter scales this sequence's cache was computed with
         self.job: Optional[Job] = None
         self.last_used = 0.0
         self.reset_job()
@@ -285,10 +303,27 @@ class Engine:
         cp.no_perf = True
         cp.swa_full = True  # keep the whole window of SWA layers so cached prefixes stay reusable
         cp.kv_unified = False  # each slot gets its own n_ctx
+        if cfg.kv_type not in KV_TYPES:
+            L.llama_model_free(self.model)
+            raise ModelLoadError(f"unknown KV cache type {cfg.kv_type} (0 f16, 1 q8_0, 2 q4_0)")
+        if cfg.kv_type and not cfg.flash_attn:  # llama.cpp refuses a quantized V cache without flash attention
+            L.llama_model_free(self.model)
+            raise ModelLoadError("a quantized KV cache (--quantkv 1 or 2) needs flash attention (--flashattention)")
+        self.kv_type_name = KV_TYPES[cfg.kv_type][0]
+        cp.type_k = cp.type_v = KV_TYPES[cfg.kv_type][1]
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             L.llama_model_free(self.model)
             raise ModelLoadError(f"llama.cpp could not create a context of {cp.n_ctx} tokens for {cfg.model_path}")
+        self.loras = []  # (name, adapter pointer, default scale); freed with the model
+        self._lora_set = None  # the (pointer, scale) set last given to the context
+        for path, scale in cfg.loras:
+            ad = L.llama_adapter_lora_init(self.model, path.encode("utf-8"))
+            if not ad:
+                L.llama_free(self.ctx)
+                L.llama_model_free(self.model)
+                raise ModelLoadError(f"llama.cpp could not load the LoRA adapter {path} for {cfg.model_path}")
+            self.loras.append((os.path.basename(path), ad, float(scale)))
         self.mem = L.llama_get_memory(self.ctx)
         self.can_shift = bool(L.llama_memory_can_shift(self.mem))
         if cfg.contextshift and cfg.fastforward and not self.can_shift:
@@ -364,6 +399,11 @@ class Engine:
             if bad:
                 raise InvalidRequest(f"token id {bad[0]!r} is outside the vocabulary (0..{self.n_vocab - 1})")
         self.budget(req)
+        for i, sc in (req.lora or {}).items():
+            if not (isinstance(i, int) and 0 <= i < len(self.loras)):
+                raise InvalidRequest(f"LoRA adapter id {i!r} does not exist (this model has {len(self.loras)})")
+            if not (isinstance(sc, (int, float)) and -100.0 <= sc <= 100.0):
+                raise InvalidRequest(f"LoRA scale {sc!r} must be a number between -100 and 100")
         if req.sampling.grammar:
             self.check_grammar(req.sampling.grammar)
         if req.media:
@@ -568,7 +608,8 @@ class Engine:
         cp.n_threads = self.cfg.n_threads
         cp.n_threads_batch = self.cfg.n_threads
         cp.embeddings = True
-        cp.pooling_type = 1  # mean
+        self.embed_pooling = _pooling_of(_meta(model))
+        cp.pooling_type = POOLING[self.embed_pooling]
         cp.no_perf = True
         ctx = L.llama_init_from_model(model, cp)
         if not ctx:
@@ -579,7 +620,8 @@ class Engine:
         self._embed_dim = L.llama_model_n_embd(model)
 
     def embed(self, inputs: List[List[int]]) -> List[List[float]]:
-        """One mean-pooled, L2-normalised vector per token list (lists longer than the context are cut).
+        """One L2-normalised vector per token list, pooled as the model says (embed_pooling); lists longer than
+        the context are cut.
         Raises InvalidRequest for token ids outside the embedding model's vocabulary."""
         out = []
         with self._embed_lock:
@@ -895,7 +937,14 @@ class Engine:
         slot.stream = TextStream(req.stop, req.trim_stop, req.banned_phrases)
         slot.sampler = self._new_chain(slot)
 
-        keep = self._common_prefix(slot.cache, prompt) if self.cfg.fastforward else 0
+        scales = self._lora_scales(req)
+        if scales != slot.lora:  # a cache computed under other adapters cannot be reused
+            slot.shifted_at = None
+            keep_ok = False
+        else:
+            keep_ok = self.cfg.fastforward
+        slot.lora = scales
+        keep = self._common_prefix(slot.cache, prompt) if keep_ok else 0
         if keep >= len(prompt):
             keep = len(prompt) - 1  # re-decode the last prompt token to get fresh logits
         keep = _snap(prompt, keep)
@@ -939,6 +988,22 @@ class Engine:
                 else:
                     i += 1
         job.started.set()
+
+    def _lora_scales(self, req: GenRequest) -> tuple:
+        """The scale of every adapter for a request (its own where it set one, else the adapter's default)."""
+        own = req.lora or {}
+        return tuple(float(own.get(i, d)) for i, (_, _, d) in enumerate(self.loras))
+
+    def _use_lora(self, scales: tuple):
+        """Give the context this adapter set (adapters at scale 0 left out: exactly the base model)."""
+        if scales == self._lora_set:
+            return
+        on = [(ad, sc) for (_, ad, _), sc in zip(self.loras, scales) if sc != 0.0]
+        arr = (L.llama_adapter_lora_p_ctypes * max(1, len(on)))(*[a for a, _ in on])
+        sc = (ctypes.c_float * max(1, len(on)))(*[x for _, x in on])
+        if L.llama_set_adapters_lora(self.ctx, arr if on else None, len(on), sc if on else None) != 0:
+            raise RuntimeError("llama.cpp refused the LoRA adapter set")
+        self._lora_set = scales
 
     def _new_chain(self, slot: _Slot) -> SamplerChain:
         req = slot.job.request
@@ -1013,9 +1078,7 @@ class Engine:
         Rows of the same kind are never mixed (llama.cpp's CPU kernels compute a row slightly differently depending
         on the batch around it): decode rows share small batches, and each prompt is prefilled alone in chunks
         aligned to fixed positions, so a request gives the same text whether it runs alone or beside others."""
-        b = self.batch
-        n = 0
-        rows = []  # (slot, batch index) to sample after the decode
+        ready = []  # (slot, token) to decode this step
         for s in self.slots:
             if s.job is None:
                 continue
@@ -1029,18 +1092,29 @@ class Engine:
                 s.n_prompt_done += 1
             else:
                 continue
-            self._put(b, n, tok, len(s.cache) - s.pos_gap, s.seq, True)
-            s.cache.append(tok)
-            rows.append((s, n))
-            n += 1
-        if n and self._decode(n):
-            for s, idx in rows:
-                if s.job is not None:
-                    self._sample(s, idx)
+            ready.append((s, tok))
+        b = self.batch
+        groups: Dict[tuple, list] = {}  # slots under different LoRA sets are never decoded together
+        for s, tok in ready:
+            groups.setdefault(s.lora, []).append((s, tok))
+        for scales, members in groups.items():
+            if self.loras:
+                self._use_lora(scales)
+            rows = []  # (slot, batch index) to sample after the decode
+            for n, (s, tok) in enumerate(members):
+                self._put(b, n, tok, len(s.cache) - s.pos_gap, s.seq, True)
+                s.cache.append(tok)
+                rows.append((s, n))
+            if rows and self._decode(len(rows)):
+                for s, idx in rows:
+                    if s.job is not None:
+                        self._sample(s, idx)
         waiting = [s for s in self.slots if s.ready]
         if waiting:
             s = min(waiting, key=lambda x: x.job.submitted)
             start = s.n_prompt_done
+            if self.loras:
+                self._use_lora(s.lora)
             if s.cur_media is not None or start in s.media:
                 self._decode_media(s)
                 return True
@@ -1053,7 +1127,7 @@ class Engine:
                 s.cache.append(t)
             s.n_prompt_done = end
             self._decode(end - start)
-        return bool(n or waiting)
+        return bool(ready or waiting)
 
     def _decode_media(self, s: _Slot):
         """Decode a media chunk's encoded embeddings into the slot's own sequence. Causal chunks go n_batch

@@ -5,7 +5,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Union
+from typing import Dict, Iterator, List, Optional, Union
 
 # Where a media item goes in a prompt or memory text: the n-th marker is the n-th item of GenRequest.media.
 MEDIA_MARKER = "<__media__>"
@@ -83,6 +83,7 @@ class GenRequest:
     add_bos: bool = True
     tokenize_special: bool = True  # parse special-token text (e.g. "<start_of_turn>") in the prompt
     media: List[Media] = field(default_factory=list)  # one per MEDIA_MARKER in memory + prompt, in order
+    lora: Optional[Dict[int, float]] = None  # LoRA adapter index -> scale for this request (others: their default)
 
 
 @dataclass

@@ -31,12 +31,12 @@
     "setting-fields", "sampler-order", "settings-reset", "memory", "note", "note-depth", "user-name", "bot-name",
     "system-prompt", "error", "error-text", "error-action", "error-close", "status", "perf", "ctx-fill", "ctx-text",
     "ctx-meter", "model-name", "model-ctx", "server-version", "conn-dot", "key-dialog", "key-form", "key-input",
-    "key-error", "btn-attach", "attach-file", "attach-preview"]) {
+    "key-error", "btn-attach", "attach-file", "attach-preview", "model-pick", "model-pick-wrap"]) {
     el[id] = $(id);
   }
 
   // ---------- state ----------
-  const server = { connected: false, protected: false, maxCtx: 0, model: "", version: "", vision: false };
+  const server = { connected: false, protected: false, maxCtx: 0, model: "", version: "", vision: false, pick: "" };
   const MAX_IMAGES = 8; // the server's per-request limit
   const IMAGE_SIDE = 1024; // attached images are scaled to fit this (keeps sessions small)
   let pendingImage = null; // data: URL attached to the next user message
@@ -244,7 +244,8 @@
         call("/api/v1/model"),
         call("/api/extra/true_max_context_length").catch(() => call("/api/v1/config/max_context_length")),
       ]);
-      server.model = String(model.result || "").replace(/^koboldcpp\//, "") || "(no model)";
+      await listModels(String(model.result || ""));
+      server.model = String(server.pick || model.result || "").replace(/^koboldcpp\//, "") || "(no model)";
       server.maxCtx = Number(ctx.value) || 0;
       server.connected = true;
       el["model-name"].textContent = server.model;
@@ -268,6 +269,24 @@
       setStatus("Not connected.");
       updateButtons();
     }
+  }
+
+  // Several models offered: a picker; generation and token counts then name the picked one.
+  async function listModels(current) {
+    let list = [];
+    try { list = ((await call("/v1/models")).data || []).map((m) => String(m.id)); } catch (e) { list = []; }
+    const wrap = el["model-pick-wrap"], pick = el["model-pick"];
+    if (list.length < 2) { wrap.hidden = true; server.pick = ""; return; }
+    if (!list.includes(server.pick)) server.pick = list.includes(current) ? current : list[0];
+    pick.textContent = "";
+    for (const id of list) {
+      const o = document.createElement("option");
+      o.value = id;
+      o.textContent = id.replace(/^koboldcpp\//, "");
+      pick.appendChild(o);
+    }
+    pick.value = server.pick;
+    wrap.hidden = false;
   }
 
   async function keyWorks() {
@@ -365,7 +384,9 @@
   }
 
   async function countTokens(text, signal) {
-    const r = await call("/api/extra/tokencount", { prompt: text, special: true }, { signal });
+    const body = { prompt: text, special: true };
+    if (server.pick) body.model = server.pick;
+    const r = await call("/api/extra/tokencount", body, { signal });
     const n = Number(r.value);
     if (!Number.isFinite(n) || n < 0) throw new ApiError(0, "The server could not count tokens.");
     return n;
@@ -456,6 +477,7 @@
       stop_sequence: stop,
       trim_stop: true,
       return_progress: true,
+      ...(server.pick ? { model: server.pick } : {}),
     };
     if (images && images.length) body.images = images.map((u) => u.slice(u.indexOf(",") + 1));
     return body;
@@ -936,7 +958,7 @@
     el["btn-retry"].disabled = busy || !server.connected || !hasAi;
     el["btn-continue"].disabled = busy || !server.connected || !session.turns.length;
     el["btn-undo"].disabled = busy || !undoStack.length;
-    for (const b of [el["btn-new"], el["btn-load"], el.mode]) b.disabled = busy;
+    for (const b of [el["btn-new"], el["btn-load"], el.mode, el["model-pick"]]) b.disabled = busy;
   }
 
   function setStatus(text) { el.status.textContent = text; }
@@ -1123,6 +1145,14 @@
       if (!el.settings.hidden) openSettings(false);
       else if (gen) stopGeneration();
     }
+  });
+
+  el["model-pick"].addEventListener("change", () => {
+    server.pick = el["model-pick"].value;
+    el["model-name"].textContent = server.pick.replace(/^koboldcpp\//, "");
+    el["model-name"].title = server.pick;
+    setStatus("Model: " + server.pick.replace(/^koboldcpp\//, "") + " (loaded on first use).");
+    scheduleCount(0);
   });
 
   el.mode.addEventListener("change", () => {

@@ -18,7 +18,7 @@ from . import fields as F
 from .tooltip import Tooltip
 
 TITLE = "KoboldCpp Launcher"
-TABS = ("Quick Launch", "Hardware", "Network", "Tokens")
+TABS = ("Quick Launch", "Hardware", "Network", "Tokens", "Models")
 GREEN, GREEN_HOVER = "#2f9e44", "#237a34"
 ERROR_COLOR = ("#c92a2a", "#ff6b6b")  # (light, dark)
 MUTED = ("gray35", "gray70")
@@ -113,6 +113,7 @@ class LauncherApp(ctk.CTk):
         self._build_hardware(self.tab_frames["Hardware"])
         self._build_tokens(self.tab_frames["Tokens"])
         self._build_network(self.tab_frames["Network"])
+        self._build_models(self.tab_frames["Models"])
 
         self.status = ctk.CTkLabel(self, text="", anchor="w", justify="left", wraplength=780)
         self.status.grid(row=1, column=1, sticky="ew", padx=22, pady=(0, 2))
@@ -256,6 +257,17 @@ class LauncherApp(ctk.CTk):
         self._row(p, tab, 4, "multiuser", hint="0 = busy reply, 1 = queue of 6")
         self._row(p, tab, 5, "parallelrequests")
         self._row(p, tab, 6, "quiet")
+
+    def _build_models(self, p):
+        tab = "Models"
+        self._heading(p, 0, "Several models")
+        self._row(p, tab, 1, "modeldir", hint="optional folder of .gguf / .kcpps")
+        self._row(p, tab, 2, "maxloadedmodels")
+        self._row(p, tab, 3, "unloadtimeout", hint="0 = never")
+        self._row(p, tab, 4, "adminpassword", hint="for load/unload routes")
+        self._heading(p, 5, "This model", top=10)
+        self._row(p, tab, 6, "lora", hint="FILE[:SCALE]; FILE2 ...")
+        self._row(p, tab, 7, "quantkv", hint="0 f16, 1 q8_0, 2 q4_0")
 
     # ---------- state ----------
     def show_tab(self, name: str):

@@ -47,6 +47,12 @@ _SPEC = (
     Field("defaultgenamt", "Default gen. amount", "int"),
     Field("noshift", "ContextShift", "bool", invert=True),
     Field("nofastforward", "FastForward", "bool", invert=True),
+    Field("modeldir", "Models folder", "text"),
+    Field("maxloadedmodels", "Models loaded at once", "int"),
+    Field("unloadtimeout", "Unload idle after (s)", "int"),
+    Field("adminpassword", "Admin key", "text"),
+    Field("lora", "LoRA adapters", "text"),
+    Field("quantkv", "KV cache type", "choice", choices=("0", "1", "2")),
 )
 _BY_DEST = {f.dest: f for f in _SPEC}
 
@@ -86,6 +92,17 @@ def _tips(threads_auto: int) -> dict:
                    "whole prompt. Needs FastForward.",
         "nofastforward": "FastForward: reuse the part of the prompt the model has already read, so only new "
                          "text is processed.",
+        "modeldir": "A folder of .gguf models (and .kcpps settings files): clients pick one by name and it is "
+                    "loaded on demand. The model file above stays the default; it may be left empty.",
+        "maxloadedmodels": "How many models may be loaded at once (1-64); the least recently used idle one is "
+                           "unloaded to make room.",
+        "unloadtimeout": "Unload a model nobody has used for this many seconds (0 = never).",
+        "adminpassword": "Key for loading and unloading models through the API. Empty: the password is used; "
+                         "with neither, those routes are off.",
+        "lora": "LoRA adapter files applied at load, separated by ';'; add ':SCALE' after a file for a scale "
+                "other than 1.",
+        "quantkv": "KV cache type: 0 = f16, 1 = q8_0 (about half the memory), 2 = q4_0 (about a third). "
+                   "1 and 2 need flash attention.",
     }
 
 
@@ -126,6 +143,8 @@ def to_display(args: argparse.Namespace) -> dict:
             out[dest] = (not bool(v)) if f.invert else bool(v)
         elif dest == "chatcompletionsadapter":
             out[dest] = DEFAULT_ADAPTER if v in (None, "") else str(v)
+        elif dest == "lora":
+            out[dest] = "; ".join(v or [])
         else:
             out[dest] = "" if v is None else str(v)
     return out
@@ -169,8 +188,20 @@ def collect(base: argparse.Namespace, values: dict, hooks, check_model: bool = T
             except ValueError as e:
                 raise FieldError(dest, f.label, str(e))
             continue
-        if dest == "password":
-            ns.password = str(raw) or None  # spaces may be part of a key; only empty means none
+        if dest in ("password", "adminpassword"):
+            setattr(ns, dest, str(raw) or None)  # spaces may be part of a key; only empty means none
+            continue
+        if dest == "modeldir":
+            if text and not Path(text).expanduser().is_dir():
+                raise FieldError(dest, f.label, f"not a folder: {text}")
+            ns.modeldir = text or None
+            continue
+        if dest == "lora":
+            ns.lora = [x.strip() for x in text.split(";") if x.strip()] or None
+            for item in ns.lora or []:
+                path = item.rsplit(":", 1)[0] if re.search(r":[-+]?[\d.]+$", item) else item
+                if not Path(path).expanduser().is_file():
+                    raise FieldError(dest, f.label, f"file not found: {path}")
             continue
         if dest == "host":
             ns.host = text  # empty = every interface, as on the command line
@@ -182,7 +213,9 @@ def collect(base: argparse.Namespace, values: dict, hooks, check_model: bool = T
         except hooks.arg_error as e:
             raise FieldError(dest, f.label, _flag_free(str(e).removeprefix(f.label + ": ")))
     hooks.finalize(ns)
-    if check_model:
+    if getattr(ns, "quantkv", 0) and not ns.flashattention:
+        raise FieldError("quantkv", _BY_DEST["quantkv"].label, "types 1 and 2 need flash attention (Hardware tab)")
+    if check_model and (ns.model or not ns.modeldir):  # a models folder alone is enough
         check_model_file(ns.model)
         if getattr(ns, "mmproj", None):
             check_projector_file(ns.mmproj, ns.model)

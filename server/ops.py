@@ -54,8 +54,8 @@ class PromptProgressLog:
     """A background thread printing one console line per second for each prompt of more than `min_tokens`
     uncached tokens while it is processed (the engine has no idea of consoles; it is read through slots_info)."""
 
-    def __init__(self, engine, min_tokens: int = 512, interval: float = 1.0):
-        self.engine = engine
+    def __init__(self, engines: Callable[[], list], min_tokens: int = 512, interval: float = 1.0):
+        self.engines = engines  # the loaded engines (models may come and go)
         self.min_tokens = min_tokens
         self.interval = interval
         self._stop = threading.Event()
@@ -73,10 +73,12 @@ class PromptProgressLog:
     def _run(self):
         shown: Dict[int, int] = {}  # job id -> processed count last printed
         while not self._stop.wait(self.interval):
-            try:
-                slots = self.engine.slots_info()
-            except Exception:
-                continue
+            slots = []
+            for engine in self.engines():
+                try:
+                    slots += engine.slots_info()
+                except Exception:  # closed while being read (an unload)
+                    pass
             live = set()
             for s in slots:
                 p = s.get("progress")

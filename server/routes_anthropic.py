@@ -5,9 +5,15 @@ from __future__ import annotations
 from adapters import anthropic
 
 
+def _ctx(h, body):
+    """The named model's chat Context (unknown names: the current model)."""
+    return h.state.chat_for(body.get("model") if isinstance(body, dict) else None)
+
+
 def messages(h):
-    ctx = h.state.chat
-    plan, stops = anthropic.parse(h.json(), ctx)
+    body = h.json()
+    ctx = _ctx(h, body)
+    plan, stops = anthropic.parse(body, ctx)
     runner = h.runner()
     if plan.stream:
         h.pump(anthropic.start_stream(plan, runner, ctx, stops))
@@ -15,9 +21,12 @@ def messages(h):
         h.send_json(200, anthropic.run_blocking(plan, runner, stops))
 
 
+def count_tokens(h):
+    body = h.json()
+    h.send_json(200, anthropic.count_tokens(body, _ctx(h, body)))
+
+
 def register(t):
     o = {"dialect": "anthropic"}
     t.add("POST", "/v1/messages", messages, auth=True, **o)
-    t.add("POST", "/v1/messages/count_tokens", lambda h: h.send_json(200, anthropic.count_tokens(h.json(),
-                                                                                             h.state.chat)),
-          auth=True, **o)
+    t.add("POST", "/v1/messages/count_tokens", count_tokens, auth=True, **o)

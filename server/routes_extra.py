@@ -5,7 +5,8 @@ from adapters import fim, rerank
 
 
 def infill(h):
-    req, stream = fim.parse_infill(h.json(), h.state.chat)
+    body = h.json()
+    req, stream = fim.parse_infill(body, h.state.chat_for(body.get("model") if isinstance(body, dict) else None))
     runner = h.runner()
     if stream:
         h.pump(fim.start_stream(req, runner, h.state.model_name))

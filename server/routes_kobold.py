@@ -24,7 +24,14 @@ def _parse_gen(h):
     return req, spec
 
 
+def _pick_model(h, body):
+    """Our extension: a native request may name an offered model (the web page's picker); else the current one."""
+    if isinstance(body, dict) and isinstance(body.get("model"), str):
+        h.state.served(body["model"])
+
+
 def generate(h):
+    _pick_model(h, h.json())
     runner = h.runner()
     req, spec = _parse_gen(h)
     result = runner.wait(runner.submit(req))
@@ -34,6 +41,7 @@ def generate(h):
 
 
 def generate_stream(h):
+    _pick_model(h, h.json())
     runner = h.runner()
     req, spec = _parse_gen(h)
     # return_progress: `event: progress` lines ({"prompt_progress": ...}) while the prompt is processed
@@ -130,7 +138,7 @@ def version(h):
         "txt2img": False, "vision": bool(getattr(s.engine, "vision", False)),
         "audio": bool(getattr(s.engine, "audio", False)), "transcribe": False, "multiplayer": False,
         "websearch": False, "tts": False, "embeddings": True, "savedata": False, "admin": 0, "guidance": False,
-        "jinja": bool(s.chat.use_jinja),
+        "jinja": s.uses_jinja(),  # polled by clients: never loads a model
     })
 
 
@@ -148,6 +156,7 @@ def tokencount(h):
     except BadRequest as e:
         raise BadRequest(e.msg, extra={"value": -1})
     text, special = kobold.parse_tokenize(body)
+    _pick_model(h, body)
     ids = h.state.engine.tokenize(text, add_bos=True, special=special)
     h.send_json(200, {"value": len(ids), "ids": ids})
 

@@ -37,7 +37,11 @@ def health(h):
                           "error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}},
                      [("Retry-After", "2")])
         return
-    idle, busy = _slot_counts(h.state.engine)
+    e = h.state.current_engine()
+    if e is None:  # unloaded while idle (--unloadtimeout): the next request loads it again
+        h.send_json(200, {"status": "ok", "slots_idle": 0, "slots_processing": 0, "model_loaded": False})
+        return
+    idle, busy = _slot_counts(e)
     if idle == 0 and _truthy(_query(h).get("fail_on_no_slot", "")):
         _no_slot(h)
         return
@@ -45,9 +49,9 @@ def health(h):
 
 
 def slots(h):
-    e = h.state.engine
-    info = e.slots_info()
-    if _truthy(_query(h).get("fail_on_no_slot", "")) and all(s["busy"] for s in info):
+    e = h.state.current_engine()
+    info = e.slots_info() if e is not None else []
+    if _truthy(_query(h).get("fail_on_no_slot", "")) and info and all(s["busy"] for s in info):
         _no_slot(h)
         return
     out = []
@@ -74,7 +78,11 @@ def _default_params(state) -> dict:
 
 def props(h):
     s = h.state
-    e = s.engine
+    e = s.current_engine()
+    if e is None:  # never load a model just to describe it
+        h.send_json(200, {"model_alias": s.model_name, "model_loaded": False, "total_slots": 0,
+                          "build_info": f"{BUILD_INFO} {s.program_version}"})
+        return
     tmpl = e.chat_template or ""
     bos = e.metadata.get("tokenizer.ggml.bos_token_id")
     eos = e.metadata.get("tokenizer.ggml.eos_token_id")
@@ -132,8 +140,9 @@ def metrics_text(server) -> bytes:
     d.metric("kcpp_request_seconds_total", "counter", "Seconds spent answering HTTP requests, by route.",
              [({"route": r, "method": meth, "status": st}, t) for (r, meth, st), (_, t) in sorted(snap.items())])
     state = server.state
-    if state is not None:
-        c = state.engine.counters()
+    engine = state.current_engine() if state is not None else None
+    if engine is not None:
+        c = engine.counters()
         d.metric("kcpp_prompt_tokens_total", "counter", "Prompt tokens processed (cached tokens excluded).",
                  c["prompt_tokens"])
         d.metric("kcpp_generated_tokens_total", "counter", "Tokens generated.", c["generated_tokens"])

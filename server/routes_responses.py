@@ -8,12 +8,23 @@ from .http import normalize_path
 
 def create(h):
     store = h.state.responses
-    req = responses.parse(h.json(), h.state.chat, store)
+    body = h.json()
+    req = responses.parse(body, _ctx(h, body), store)
     runner = h.runner()
     if req.plan.stream:
         h.pump(responses.start_stream(req, runner, store))
     else:
         h.send_json(200, responses.run_blocking(req, runner, store))
+
+
+def _ctx(h, body):
+    """The named model's chat Context (unknown names: the current model)."""
+    return h.state.chat_for(body.get("model") if isinstance(body, dict) else None)
+
+
+def input_tokens(h):
+    body = h.json()
+    h.send_json(200, responses.input_tokens(body, _ctx(h, body), h.state.responses))
 
 
 def _id(h) -> str:
@@ -23,8 +34,7 @@ def _id(h) -> str:
 def register(t):
     o = {"dialect": "openai"}
     t.add("POST", ["/v1/responses", "/responses"], create, auth=True, **o)
-    t.add("POST", "/v1/responses/input_tokens", lambda h: h.send_json(200, responses.input_tokens(
-        h.json(), h.state.chat, h.state.responses)), auth=True, **o)
+    t.add("POST", "/v1/responses/input_tokens", input_tokens, auth=True, **o)
     t.add_pattern("GET", r"(?:/v1)?/responses/[^/]+", "/v1/responses/{response_id}",
                   lambda h: h.send_json(200, responses.retrieve(h.state.responses, _id(h))), auth=True, **o)
     t.add_pattern("DELETE", r"(?:/v1)?/responses/[^/]+", "/v1/responses/{response_id}",

@@ -30,7 +30,8 @@ from tests._launcher_util import ARTIFACTS, Xvfb, find_color_box, grab, pump, sc
 from tests.support import KOBOLDCPP, ROOT, free_port, stop_process  # noqa: E402
 from tests.tinymodel import CHATML_TEMPLATE, tiny_model_path  # noqa: E402
 
-TAB_SHOTS = {"Quick Launch": "quick_launch", "Hardware": "hardware", "Network": "network", "Tokens": "tokens"}
+TAB_SHOTS = {"Quick Launch": "quick_launch", "Hardware": "hardware", "Network": "network", "Tokens": "tokens",
+             "Models": "models"}
 
 
 @pytest.fixture(scope="module")
