@@ -547,9 +547,10 @@ def serve(args: argparse.Namespace) -> int:
         models.close()
         return _err("interrupted while loading the model", 130)
     except LoadFailed as e:
+        stopped = stopping.is_set()
         close_http()
         models.close()
-        if stopping.is_set():
+        if stopped:
             return _err("stopped while loading the model", 130)
         return _err(str(e))
 

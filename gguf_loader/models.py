@@ -252,7 +252,8 @@ class ModelManager:
                 del self._loaded[e.spec.id]
                 self._checked.discard(e.spec.id)
                 # the model it was to replace serves again
-                if self.current not in self._loaded and not self._stop and self._make_room():
+                if self.current != e.spec.id and self.current not in self._loaded and not self._stop \
+                        and self._make_room():
                     self._start_load(self.specs[self.current])
             self._cond.notify_all()
 

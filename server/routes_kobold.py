@@ -133,10 +133,11 @@ def model(h):
 
 def version(h):
     s = h.state
+    e = s.current_engine()  # polled by clients: never loads a model (an unloaded one reports no media)
     h.send_json(200, {
         "result": "KoboldCpp", "version": s.api_version, "protected": bool(s.password), "llm": True,
-        "txt2img": False, "vision": bool(getattr(s.engine, "vision", False)),
-        "audio": bool(getattr(s.engine, "audio", False)), "transcribe": False, "multiplayer": False,
+        "txt2img": False, "vision": bool(e is not None and e.vision),
+        "audio": bool(e is not None and e.audio), "transcribe": False, "multiplayer": False,
         "websearch": False, "tts": False, "embeddings": True, "savedata": False, "admin": 0, "guidance": False,
         "jinja": s.uses_jinja(),  # polled by clients: never loads a model
     })
