@@ -47,6 +47,8 @@ class EngineConfig:
     contextshift: bool = True
     quiet: bool = False
     embedding_model_path: Optional[str] = None
+    smartcache: int = 0  # conversations kept in host memory when their slot is taken over (0: off)
+    smartcache_mb: int = 1024  # and at most this many MiB of them
 
 
 _backend_lock = threading.Lock()
@@ -189,11 +191,22 @@ class _Slot:
         self.cached = 0
         self.bans: Dict[int, set] = {}  # generated position -> tokens banned there (phrase bans)
         self.backtracks = 0
+        self.donor: Optional["_Slot"] = None  # a slot whose prefill this one waits for, to copy its cache
+        self.donor_job: Optional[Job] = None
+        self.donate_n = 0
 
     @property
     def prefilling(self) -> bool:
         """Prompt tokens before the last one still to decode (the last is decoded with the generated ones)."""
-        return self.job is not None and self.n_prompt_done < len(self.prompt) - 1
+        return self.job is not None and self.donor is None and self.n_prompt_done < len(self.prompt) - 1
+
+
+@dataclass
+class _Saved:
+    """A sequence's KV state kept in host memory (SmartCache)."""
+    tokens: List[int]
+    data: bytes
+    used: float
 
 
 class Engine:
@@ -253,6 +266,9 @@ class Engine:
         self.total_gens = 0
         self.last_result: Optional[Result] = None
         self.last_genkey = ""
+        # tokens decoded from prompts, copied between slots, restored from the SmartCache (tests and /perf)
+        self.counters = {"prompt_decoded": 0, "prompt_copied": 0, "prompt_restored": 0, "saved": 0, "restored": 0}
+        self._saved: List[_Saved] = []  # SmartCache, engine thread only
 
         self._thread = gbnf.start_thread(self._loop, "engine")  # llama.cpp's grammar matching recurses
 
@@ -553,6 +569,11 @@ class Engine:
         keep = self._common_prefix(slot.cache, prompt) if self.cfg.fastforward else 0
         if keep >= len(prompt):
             keep = len(prompt) - 1  # re-decode the last prompt token to get fresh logits
+        if self.cfg.fastforward:
+            keep = self._borrow(slot, prompt, keep)
+        if slot.donor is not None:  # the cache comes from another slot at the next step
+            job.started.set()
+            return
         # Entries moved by ContextShift differ slightly from freshly computed ones. The request that shifts uses
         # them, and so may a request at the context's edge (the next turn of a long chat); any other request
         # reprocesses from the first moved entry, so it gets exactly a cold run's text (README, "Reproducible").
@@ -566,6 +587,7 @@ class Engine:
         elif slot.shifted_at is not None and keep > slot.shifted_at and not at_edge:
             keep = slot.shifted_at
         if keep < len(slot.cache):
+            self._save(slot, keep)
             if not L.llama_memory_seq_rm(self.mem, slot.seq, keep, -1):
                 L.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
                 keep = 0
@@ -575,6 +597,100 @@ class Engine:
         slot.n_prompt_done = keep
         slot.cached = keep
         job.started.set()
+
+    # ---------- prefixes held elsewhere: other slots (copied) and the SmartCache (restored) ----------
+
+    _MIN_BORROW = 16  # tokens a copy or a restore must gain over the slot's own cache
+    _MIN_SAVE = 64  # tokens a slot must be about to lose for the SmartCache to keep them
+
+    def _borrow(self, slot: _Slot, prompt: List[int], keep: int) -> int:
+        """A longer prefix of `prompt` held elsewhere than in `slot`'s own cache: another slot's cache (copied with
+        llama_memory_seq_cp at the next step, after waiting for that slot's prefill when it is still processing
+        the same prompt: the n choices of one request), or a SmartCache entry restored into `slot` now.
+        -> the tokens of `slot`'s cache kept (0 while a copy is pending)."""
+        limit = len(prompt) - 1
+        best, best_n = None, keep + self._MIN_BORROW - 1
+        for d in self.slots:
+            if d is slot or d.donor is not None:
+                continue
+            n = self._common_prefix(d.cache, prompt)
+            if d.prefilling:
+                n = max(n, self._common_prefix(d.prompt, prompt))
+            n = min(n, limit, d.shifted_at if d.shifted_at is not None else n)
+            if n > best_n:
+                best, best_n = d, n
+        entry = None
+        for e in self._saved:
+            n = min(self._common_prefix(e.tokens, prompt), limit)
+            if n > best_n:
+                entry, best_n = e, n
+        if best is None and entry is None:
+            return keep
+        self._save(slot, 0)
+        L.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+        slot.cache, slot.shifted_at = [], None
+        if entry is not None:
+            return self._restore(slot, entry, best_n)
+        slot.donor, slot.donor_job, slot.donate_n = best, best.job, best_n
+        return 0
+
+    def _take_donation(self, s: _Slot):
+        """Copy the donor's cache into `s` once it holds the promised prefix (engine thread, at the top of a step:
+        the copy itself happens at the next llama_decode, which this step always makes)."""
+        d = s.donor
+        if d.job is not None and d.job is s.donor_job and d.prefilling and d.n_prompt_done < s.donate_n:
+            return  # still prefilling: wait
+        n = min(s.donate_n, self._common_prefix(d.cache, s.prompt))
+        if d.shifted_at is not None:
+            n = min(n, d.shifted_at)
+        s.donor = s.donor_job = None
+        if n >= self._MIN_BORROW:
+            L.llama_memory_seq_rm(self.mem, s.seq, -1, -1)
+            L.llama_memory_seq_cp(self.mem, d.seq, s.seq, -1, -1)  # whole sequences only across streams
+            L.llama_memory_seq_rm(self.mem, s.seq, n, -1)
+            s.cache = d.cache[:n]
+            self.counters["prompt_copied"] += n
+        else:
+            n = 0
+        s.n_prompt_done = s.cached = n
+
+    def _save(self, slot: _Slot, keep: int):
+        """Keep the slot's cache in host memory before it loses the tokens from `keep` on (SmartCache)."""
+        if not self.cfg.smartcache or len(slot.cache) - keep < self._MIN_SAVE or slot.shifted_at is not None:
+            return
+        cap = self.cfg.smartcache_mb * 1024 * 1024
+        size = L.llama_state_seq_get_size(self.ctx, slot.seq)
+        if not size or size > cap:
+            return
+        buf = (ctypes.c_uint8 * size)()
+        n = L.llama_state_seq_get_data(self.ctx, buf, size, slot.seq)
+        if not n:
+            return
+        if n < size:
+            buf = (ctypes.c_uint8 * n).from_buffer_copy(buf)
+        tokens = list(slot.cache)
+        # an entry that is a prefix of this one is superseded by it
+        self._saved = [e for e in self._saved if self._common_prefix(e.tokens, tokens) < len(e.tokens)]
+        self._saved.append(_Saved(tokens, buf, time.monotonic()))
+        self.counters["saved"] += 1
+        self._saved.sort(key=lambda e: e.used)
+        while len(self._saved) > self.cfg.smartcache or self.smartcache_bytes() > cap:
+            self._saved.pop(0)
+
+    def _restore(self, slot: _Slot, e: _Saved, n: int) -> int:
+        self._saved.remove(e)
+        if not L.llama_state_seq_set_data(self.ctx, e.data, len(e.data), slot.seq):
+            L.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+            return 0
+        slot.cache = list(e.tokens)
+        self.counters["restored"] += 1
+        self.counters["prompt_restored"] += n
+        if not self.cfg.quiet:
+            print(f"[SmartCache: restored {len(e.tokens)} tokens, {n} reused]", flush=True)
+        return n
+
+    def smartcache_bytes(self) -> int:
+        return sum(len(e.data) for e in self._saved)
 
     def _new_chain(self, slot: _Slot) -> SamplerChain:
         req = slot.job.request
@@ -652,6 +768,9 @@ class Engine:
         n = 0
         rows = []  # (slot, batch index) to sample after the decode
         for s in self.slots:
+            if s.job is not None and s.donor is not None:
+                self._take_donation(s)
+        for s in self.slots:
             if s.job is None:
                 continue
             if s.job.aborted.is_set():
@@ -662,6 +781,7 @@ class Engine:
             elif s.n_prompt_done == len(s.prompt) - 1:
                 tok = s.prompt[-1]  # the last prompt token gives the first logits, decoded like a generated one
                 s.n_prompt_done += 1
+                self.counters["prompt_decoded"] += 1
             else:
                 continue
             self._put(b, n, tok, len(s.cache), s.seq, True)
@@ -681,6 +801,7 @@ class Engine:
                 self._put(b, i, t, len(s.cache), s.seq, False)
                 s.cache.append(t)
             s.n_prompt_done = end
+            self.counters["prompt_decoded"] += end - start
             self._decode(end - start)
 
     def _decode(self, n: int) -> bool:
