@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences decoded together (continuous batching)")
     p.add_argument("--defaultgenamt", type=_int_range(16, 8192, "--defaultgenamt"), default=896,
                    help="tokens generated when a request does not say")
+    p.add_argument("--smartcache", type=_int_range(0, 1024, "--smartcache"), nargs="?", const=8, default=0,
+                   help="keep up to N conversations' caches in RAM when their slot is taken over, restored when they "
+                        "return (alone: 8; 0 = off)")
+    p.add_argument("--smartcachemb", type=_int_range(16, 1048576, "--smartcachemb"), default=1024,
+                   help="RAM the SmartCache may use, in MiB")
     p.add_argument("--noshift", action="store_true", help="disable ContextShift")
     p.add_argument("--nofastforward", action="store_true", help="disable FastForward prompt reuse (implies --noshift)")
     p.add_argument("--flashattention", "-fa", action="store_true", help="use flash attention")
@@ -317,7 +322,8 @@ def serve(args: argparse.Namespace) -> int:
                        n_gpu_layers=args.gpulayers, flash_attn=args.flashattention, use_mmap=args.usemmap,
                        use_mlock=args.usemlock, n_slots=args.parallelrequests, max_queue=max_queue,
                        fastforward=not args.nofastforward, contextshift=not args.noshift, quiet=args.quiet,
-                       embedding_model_path=args.embeddingsmodel)
+                       embedding_model_path=args.embeddingsmodel, smartcache=args.smartcache,
+                       smartcache_mb=args.smartcachemb)
     print(f"Loading {model_path} ...", flush=True)
     try:
         engine = Engine(cfg)
