@@ -72,6 +72,8 @@ class Plan:
     decide: Optional[Callable] = None  # auto tools without a native format: decision text -> (mode, requests, spec)
     output: Optional[OutputSpec] = None  # how each choice's text is read (None: plain text, completions)
     count_tokens: Callable[[str], int] = lambda s: 0
+    n: int = 1  # choices returned per prompt
+    best_of: int = 0  # > n: candidates generated per prompt, the n with the highest mean token logprob returned
 
 
 def for_choices(template: GenRequest, prompt: instruct.ChatPrompt, seeds: List[Optional[int]],
@@ -339,5 +341,20 @@ def _events(plan: Plan, runner: JobRunner, jobs: List[Job]) -> Iterator[ChoiceEv
 
 
 def run(plan: Plan, runner: JobRunner) -> List[ChoiceEvent]:
-    """Run every choice to the end. -> the "done" event of each choice (its result and message)."""
-    return [ev for ev in start(plan, runner) if ev.kind == "done"]
+    """Run every choice to the end. -> the "done" event of each choice (its result and message); with best_of, the
+    best n of each prompt's candidates."""
+    done = [ev for ev in start(plan, runner) if ev.kind == "done"]
+    if plan.best_of > plan.n:
+        done = pick_best(done, plan.best_of, plan.n)
+    return done
+
+
+def pick_best(done: List[ChoiceEvent], best_of: int, n: int) -> List[ChoiceEvent]:
+    """OpenAI's best_of: of each prompt's `best_of` candidates (consecutive), the `n` with the highest mean token
+    log-probability, best first, renumbered."""
+    out = []
+    for g in range(0, len(done), best_of):
+        group = sorted(done[g:g + best_of], key=lambda ev: -ev.result.mean_logprob)
+        out += group[:n]
+    return [dataclasses.replace(ev, index=i) for i, ev in enumerate(out)]
+

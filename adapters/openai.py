@@ -214,9 +214,25 @@ def reasoning_options(b: F.Body) -> dict:
     return {"reasoning_effort": effort, "template_kwargs": kw, "reasoning_format": rf}
 
 
+def _best_of(b: F.Body, n: int, prompts: int, stream: bool) -> int:
+    """Candidates per prompt: `best_of` (at least n; the n best by mean token logprob are returned) or n."""
+    k = b.int("best_of", None, 1, MAX_N)
+    if k is None:
+        return n
+    if k < n:
+        raise _bad(f"'best_of' ({k}) must be at least 'n' ({n})", "best_of")
+    if prompts * k > MAX_N:
+        raise _bad(f"at most {MAX_N} candidates per request (prompts x best_of)", "best_of")
+    if stream and k > n:
+        raise _bad("'best_of' greater than 'n' cannot be streamed (the best are known at the end); "
+                   "send stream: false", "best_of")
+    return k
+
+
 def parse_chat(body, ctx: Context) -> Plan:
     b = F.Body(body)
     n = b.int("n", 1, 1, MAX_N)
+    best_of = _best_of(b, n, 1, b.bool("stream"))
     messages = parse_messages(b.data.get("messages"))
     adapter = chat.request_adapter(ctx, b.data.get("adapter"))
     stream = b.bool("stream")
@@ -229,7 +245,10 @@ def parse_chat(body, ctx: Context) -> Plan:
     plan = Plan("chat", [], ctx.model_name, new_id("chatcmpl-"), stream=stream, include_usage=_include_usage(b),
                 logprobs=logprobs)
     explicit_temp = b.raw("temperature")
-    return chat.plan_chat(plan, ctx, messages, adapter, template, _seeds(b, n), tools, choice,
+    plan.n, plan.best_of = n, best_of
+    if best_of > n:
+        template.score = True
+    return chat.plan_chat(plan, ctx, messages, adapter, template, _seeds(b, best_of), tools, choice,
                           jinja=ctx.use_jinja and b.data.get("adapter") is None,
                           continue_assistant=b.bool("continue_assistant_turn"),
                           tool_temperature=template.sampling.temperature if explicit_temp is not F.MISSING
@@ -260,6 +279,7 @@ def parse_completion(body, ctx: Context) -> Plan:
     prompts = _prompts(b.data, ctx.engine.n_vocab)
     if len(prompts) * n > MAX_N:
         raise _bad(f"at most {MAX_N} choices per request (prompts x n)", "n")
+    best_of = _best_of(b, n, len(prompts), b.bool("stream"))
     suffix = b.raw("suffix")
     if suffix not in (F.MISSING, ""):
         raise _bad("'suffix' (fill-in-the-middle) is not supported on this server; send the prompt only", "suffix")
@@ -276,7 +296,9 @@ def parse_completion(body, ctx: Context) -> Plan:
     memory = instruct.replace_placeholders(b.str("memory"), adapter)
     plan = Plan("completion", [], ctx.model_name, new_id("cmpl-"), stream=b.bool("stream"),
                 include_usage=_include_usage(b), logprobs=lp is not None)
-    seeds = _seeds(b, n)
+    plan.n, plan.best_of = n, best_of
+    template.score = best_of > n
+    seeds = _seeds(b, best_of)
     for p in prompts:
         # a native-style text prompt may carry Kobold Lite's placeholders (this is not chat message content)
         text = instruct.replace_placeholders(p, adapter) if isinstance(p, str) else p

@@ -194,6 +194,7 @@ class _Slot:
         self.donor: Optional["_Slot"] = None  # a slot whose prefill this one waits for, to copy its cache
         self.donor_job: Optional[Job] = None
         self.donate_n = 0
+        self.token_lps: List[float] = []  # GenRequest.score: each generated token's log-probability
 
     @property
     def prefilling(self) -> bool:
@@ -716,6 +717,7 @@ class Engine:
         kept = s.generated[:k]
         s.generated = kept
         del s.logprobs[k:]
+        del s.token_lps[k:]
         s.stream = TextStream(req.stop, req.trim_stop, req.banned_phrases)
         for t in kept:
             s.stream.feed(self.tok.piece(t, req.render_special))
@@ -835,6 +837,8 @@ class Engine:
             return
         tok = s.sampler.sample(self.ctx, idx)
         lp = self._logprob(idx, tok, req.top_logprobs) if req.logprobs else None
+        if req.score:
+            s.token_lps.append((lp or self._logprob(idx, tok, 0)).logprob)
         s.generated.append(tok)
         is_eog = L.llama_vocab_is_eog(self.vocab, tok)
         if is_eog and not req.bypass_eos:
@@ -900,6 +904,7 @@ class Engine:
             process_time=t_first - s.t_start,
             eval_time=now - t_first,
             error=error,
+            logprob_sum=float(sum(s.token_lps)) if job.request.score else None,
         )
         if s.sampler:
             s.sampler.close()

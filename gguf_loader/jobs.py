@@ -68,6 +68,7 @@ class GenRequest:
     top_logprobs: int = 5  # alternatives per token when logprobs is on (0-20)
     genkey: str = ""
     add_bos: bool = True
+    score: bool = False  # sum each generated token's log-probability into Result.logprob_sum (best_of)
     tokenize_special: bool = True  # parse special-token text (e.g. "<start_of_turn>") in the prompt
 
 
@@ -93,6 +94,11 @@ class Result:
     process_time: float = 0.0  # seconds spent on the prompt
     eval_time: float = 0.0  # seconds spent generating
     error: Optional[str] = None
+    logprob_sum: Optional[float] = None  # GenRequest.score: the generated tokens' summed log-probability
+
+    @property
+    def mean_logprob(self) -> float:
+        return (self.logprob_sum or 0.0) / max(1, self.completion_tokens)
 
 
 @dataclass
