@@ -111,7 +111,20 @@ def _template(b: F.Body, ctx: Context, adapter: dict, lp: Optional[int]) -> GenR
                       stop=_stops(b, adapter), banned_phrases=F.banned_phrases(b),
                       trim_stop=True, bypass_eos=b.bool("bypass_eos", lenient=True),
                       render_special=b.bool("render_special", lenient=True), logprobs=lp is not None,
-                      top_logprobs=lp or 0, genkey=F.genkey(b))
+                      top_logprobs=lp or 0, genkey=F.genkey(b), **_beams(b))
+
+
+def _beams(b: F.Body) -> dict:
+    """Beam search (`num_beams` > 1): one deterministic sequence per prompt, known at the end."""
+    kw = F.beam_search(b)
+    if kw["beams"]:
+        if b.bool("stream", lenient=True):
+            raise _bad("beam search ('num_beams' > 1) cannot be streamed: the best beam is known at the end; "
+                       "send stream: false", "num_beams")
+        if b.int("n", 1) > 1 or (b.int("best_of") or 1) > 1:
+            raise _bad("beam search ('num_beams' > 1) returns one sequence per prompt: leave 'n' and 'best_of' "
+                       "at 1", "num_beams")
+    return kw
 
 
 def _seeds(b: F.Body, n: int) -> List[Optional[int]]:

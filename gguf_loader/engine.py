@@ -195,11 +195,23 @@ class _Slot:
         self.donor_job: Optional[Job] = None
         self.donate_n = 0
         self.token_lps: List[float] = []  # GenRequest.score: each generated token's log-probability
+        self.beams: Optional[List[_Beam]] = None  # beam search, on the job's first slot
+        self.helpers: List["_Slot"] = []  # the job's other slots (one sequence per beam)
+        self.beam_of: Optional["_Slot"] = None  # on a helper: the slot driving its beam search
+        self.finished_beams: List[tuple] = []  # (normalised score, raw score, tokens, text)
 
     @property
     def prefilling(self) -> bool:
         """Prompt tokens before the last one still to decode (the last is decoded with the generated ones)."""
         return self.job is not None and self.donor is None and self.n_prompt_done < len(self.prompt) - 1
+
+
+@dataclass
+class _Beam:
+    slot: "_Slot"
+    tokens: List[int]
+    score: float  # summed log-probability
+    next_tok: int  # to decode at this beam's next step
 
 
 @dataclass
@@ -289,6 +301,13 @@ class Engine:
             if bad:
                 raise InvalidRequest(f"token id {bad[0]!r} is outside the vocabulary (0..{self.n_vocab - 1})")
         self.budget(req)
+        if req.beams > self.n_slots:
+            raise InvalidRequest(f"beam search of width {req.beams} needs as many parallel slots; this server has "
+                                 f"{self.n_slots} (--parallelrequests)")
+        if req.beams and (req.sampling.grammar or req.banned_phrases):
+            raise InvalidRequest("beam search cannot be combined with a grammar or banned phrases")
+        if req.beams < 0 or req.beams > 32:
+            raise InvalidRequest("the beam width must be between 1 and 32")
         if req.sampling.grammar:
             self.check_grammar(req.sampling.grammar)
 
@@ -493,6 +512,8 @@ class Engine:
             free = [s for s in self.slots if s.job is None]
             if not free:
                 return
+            if len(free) < max(1, self._waiting[0].request.beams) and not self._waiting[0].aborted.is_set():
+                return  # a beam search waits for its slots (first come, first served)
             job = self._waiting.pop(0)
             if job.aborted.is_set():
                 job.finish(self._result_for_unstarted(job))
@@ -508,6 +529,8 @@ class Engine:
             self._running.append(job)
             try:
                 self._start(slot, job, prompt, max_new)
+                if job.request.beams:
+                    self._start_beams(slot, [s for s in free if s is not slot][:job.request.beams - 1])
             except Exception as e:
                 self._running.remove(job)
                 slot.job = None
@@ -693,6 +716,108 @@ class Engine:
     def smartcache_bytes(self) -> int:
         return sum(len(e.data) for e in self._saved)
 
+    # ---------- beam search ----------
+
+    def _start_beams(self, slot: _Slot, helpers: List[_Slot]):
+        """The job's first slot prefills the prompt; its helpers hold the other beams' sequences (copies)."""
+        for h in helpers:
+            h.reset_job()
+            h.job, h.beam_of = slot.job, slot
+            self._save(h, 0)
+        slot.helpers = helpers
+        slot.beams = [_Beam(slot, [], 0.0, slot.prompt[-1])]
+
+    def _log_softmax(self, idx: int) -> np.ndarray:
+        ptr = L.llama_get_logits_ith(self.ctx, idx)
+        x = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
+        m = x.max()
+        return x - (m + np.log(np.exp(x - m).sum()))
+
+    def _beam_select(self, s: _Slot, rows: list):
+        """One step of beam search: every beam's best continuations ranked by summed log-probability; an
+        end-of-generation token or a stop string finishes a hypothesis (scored by length ** length_penalty);
+        the best `beams` others continue, forking sequences (llama_memory_seq_cp) where a beam has several."""
+        job = s.job
+        req = job.request
+        width = req.beams
+        if not s.t_first:
+            s.t_first = time.monotonic()
+        eog = self.eog_ids if req.sampling.ban_eos else []
+        cands = []
+        for beam, idx in rows:
+            lp = self._log_softmax(idx)
+            if eog:
+                lp[eog] = -np.inf
+            k = min(2 * width, self.n_vocab)
+            top = np.argpartition(-lp, k - 1)[:k]
+            for t in top:
+                if np.isfinite(lp[t]):
+                    cands.append((beam.score + float(lp[t]), beam, int(t)))
+        cands.sort(key=lambda c: -c[0])
+        cur_len = len(s.beams[0].tokens) + 1
+        alive = []
+        for score, beam, t in cands:
+            toks = beam.tokens + [t]
+            if L.llama_vocab_is_eog(self.vocab, t) and not req.bypass_eos:
+                self._beam_done(s, toks, score, 1)
+            else:
+                text = self.detokenize(toks, req.render_special)
+                if req.stop and any(x in text for x in req.stop):
+                    self._beam_done(s, toks, score, 2)
+                else:
+                    alive.append((score, beam, t))
+            if len(alive) == width:
+                break
+        penalty = max(cur_len, 1) ** req.length_penalty
+        out_of_room = cur_len >= s.max_new or len(s.prompt) + cur_len + 1 >= self.n_ctx
+        full = len(s.finished_beams) >= width
+        if out_of_room or not alive or (full and (req.early_stopping or
+                                                  s.finished_beams[width - 1][0] >= alive[0][0] / penalty)):
+            if out_of_room:
+                for score, beam, t in alive:
+                    self._beam_done(s, beam.tokens + [t], score, 0)
+            self._beam_finish(s)
+            return
+        # sequences: a beam's first child keeps its parent's sequence, other children get copies
+        parents = {id(beam) for _, beam, _ in alive}
+        spare = [b.slot for b in s.beams if id(b) not in parents]
+        spare += [h for h in s.helpers if all(b.slot is not h for b in s.beams)]
+        used, beams = set(), []
+        for score, beam, t in alive:
+            if id(beam) not in used:
+                used.add(id(beam))
+                slot = beam.slot
+            else:
+                slot = spare.pop()
+                L.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+                L.llama_memory_seq_cp(self.mem, beam.slot.seq, slot.seq, -1, -1)  # done at the next decode
+                slot.cache = list(beam.slot.cache)
+            beams.append(_Beam(slot, beam.tokens + [t], score, t))
+        s.beams = beams
+
+    def _beam_done(self, s: _Slot, toks: List[int], score: float, why: int):
+        n = len(toks)
+        s.finished_beams.append((score / max(n, 1) ** s.job.request.length_penalty, score, toks, why))
+        s.finished_beams.sort(key=lambda f: -f[0])
+        del s.finished_beams[s.job.request.beams:]
+
+    def _beam_finish(self, s: _Slot):
+        req = s.job.request
+        _, score, toks, why = s.finished_beams[0]
+        s.generated = list(toks)
+        s.token_lps = [score]  # Result.logprob_sum: the hypothesis' summed log-probability
+        text = ""
+        for t in toks:
+            eog = L.llama_vocab_is_eog(self.vocab, t)
+            piece = b"" if (eog and not req.render_special) else self.tok.piece(t, req.render_special)
+            got, stopped = s.stream.feed(piece)
+            text += got
+            if stopped:
+                break
+        text += s.stream.flush()
+        s.job.emit_text(text)
+        self._finish(s, "length" if why == 0 else "stop", why)
+
     def _new_chain(self, slot: _Slot) -> SamplerChain:
         req = slot.job.request
         banned_now = (lambda: slot.bans.get(len(slot.generated))) if req.banned_phrases else None
@@ -772,11 +897,26 @@ class Engine:
         for s in self.slots:
             if s.job is not None and s.donor is not None:
                 self._take_donation(s)
+        beam_rows = []  # (main slot, [(beam, batch index)])
         for s in self.slots:
-            if s.job is None:
+            if s.job is None or s.beam_of is not None:
                 continue
             if s.job.aborted.is_set():
                 self._finish(s, "abort", -1)
+                continue
+            if s.beams is not None:
+                if s.n_prompt_done == len(s.prompt) - 1:  # the last prompt token starts the search
+                    s.n_prompt_done += 1
+                    self.counters["prompt_decoded"] += 1
+                elif s.n_prompt_done < len(s.prompt) - 1:
+                    continue
+                mine = []
+                for beam in s.beams:
+                    self._put(b, n, beam.next_tok, len(beam.slot.cache), beam.slot.seq, True)
+                    beam.slot.cache.append(beam.next_tok)
+                    mine.append((beam, n))
+                    n += 1
+                beam_rows.append((s, mine))
                 continue
             if s.pending is not None:
                 tok, s.pending = s.pending, None
@@ -794,6 +934,9 @@ class Engine:
             for s, idx in rows:
                 if s.job is not None:
                     self._sample(s, idx)
+            for s, mine in beam_rows:
+                if s.job is not None:
+                    self._beam_select(s, mine)
         waiting = [s for s in self.slots if s.prefilling]
         if waiting:
             s = min(waiting, key=lambda x: x.job.submitted)
@@ -887,7 +1030,7 @@ class Engine:
 
     def _finish(self, s: _Slot, reason: str, stop_reason: int, error: Optional[str] = None):
         job = s.job
-        if job is None:
+        if job is None or s.beam_of is not None:  # a beam search ends through its first slot
             return
         now = time.monotonic()
         t_first = s.t_first or now
@@ -904,10 +1047,14 @@ class Engine:
             process_time=t_first - s.t_start,
             eval_time=now - t_first,
             error=error,
-            logprob_sum=float(sum(s.token_lps)) if job.request.score else None,
+            logprob_sum=float(sum(s.token_lps)) if (job.request.score or job.request.beams) else None,
         )
         if s.sampler:
             s.sampler.close()
+        for h in s.helpers:
+            h.job = None
+            h.last_used = now
+            h.reset_job()
         s.job = None
         s.last_used = now
         s.reset_job()

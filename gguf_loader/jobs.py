@@ -69,6 +69,9 @@ class GenRequest:
     genkey: str = ""
     add_bos: bool = True
     score: bool = False  # sum each generated token's log-probability into Result.logprob_sum (best_of)
+    beams: int = 0  # > 0: beam search of this width (deterministic; sampling settings unused), on forked slots
+    length_penalty: float = 1.0  # beam score = summed logprob / length ** length_penalty
+    early_stopping: bool = False  # stop once `beams` hypotheses have finished
     tokenize_special: bool = True  # parse special-token text (e.g. "<start_of_turn>") in the prompt
 
 
