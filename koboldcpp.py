@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "return (alone: 8; 0 = off)")
     p.add_argument("--smartcachemb", type=_int_range(16, 1048576, "--smartcachemb"), default=1024,
                    help="RAM the SmartCache may use, in MiB")
+    p.add_argument("--fastfirsttoken", action="store_true",
+                   help="decode a prompt's last token with the prompt: one decode fewer before the first token, "
+                        "but the same seed may then give a different text cached, batched or alone")
     p.add_argument("--noshift", action="store_true", help="disable ContextShift")
     p.add_argument("--nofastforward", action="store_true", help="disable FastForward prompt reuse (implies --noshift)")
     p.add_argument("--flashattention", "-fa", action="store_true", help="use flash attention")
@@ -323,7 +326,7 @@ def serve(args: argparse.Namespace) -> int:
                        use_mlock=args.usemlock, n_slots=args.parallelrequests, max_queue=max_queue,
                        fastforward=not args.nofastforward, contextshift=not args.noshift, quiet=args.quiet,
                        embedding_model_path=args.embeddingsmodel, smartcache=args.smartcache,
-                       smartcache_mb=args.smartcachemb)
+                       smartcache_mb=args.smartcachemb, fast_first_token=args.fastfirsttoken)
     print(f"Loading {model_path} ...", flush=True)
     try:
         engine = Engine(cfg)

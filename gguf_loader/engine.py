@@ -49,6 +49,7 @@ class EngineConfig:
     embedding_model_path: Optional[str] = None
     smartcache: int = 0  # conversations kept in host memory when their slot is taken over (0: off)
     smartcache_mb: int = 1024  # and at most this many MiB of them
+    fast_first_token: bool = False  # decode the last prompt token with the prompt (faster, not reproducible)
 
 
 _backend_lock = threading.Lock()
@@ -280,7 +281,8 @@ class Engine:
         self.last_result: Optional[Result] = None
         self.last_genkey = ""
         # tokens decoded from prompts, copied between slots, restored from the SmartCache (tests and /perf)
-        self.counters = {"prompt_decoded": 0, "prompt_copied": 0, "prompt_restored": 0, "saved": 0, "restored": 0}
+        self.counters = {"prompt_decoded": 0, "prompt_copied": 0, "prompt_restored": 0, "saved": 0, "restored": 0,
+                         "decodes": 0}
         self._saved: List[_Saved] = []  # SmartCache, engine thread only
 
         self._thread = gbnf.start_thread(self._loop, "engine")  # llama.cpp's grammar matching recurses
@@ -947,10 +949,22 @@ class Engine:
                 s.cache.append(t)
             s.n_prompt_done = end
             self.counters["prompt_decoded"] += end - start
-            self._decode(end - start)
+            n = end - start
+            # --fastfirsttoken: the last prompt token rides with the final chunk (one decode fewer before the first
+            # token; its logits then depend on the chunk, so the text may differ from a cached or batched run)
+            last = self.cfg.fast_first_token and end == len(s.prompt) - 1 and n < self.n_batch and s.beams is None
+            if last:
+                self._put(b, n, s.prompt[-1], len(s.cache), s.seq, True)
+                s.cache.append(s.prompt[-1])
+                s.n_prompt_done += 1
+                self.counters["prompt_decoded"] += 1
+                n += 1
+            if self._decode(n) and last and s.job is not None:
+                self._sample(s, n - 1)
 
     def _decode(self, n: int) -> bool:
         self.batch.n_tokens = n
+        self.counters["decodes"] += 1
         rc = L.llama_decode(self.ctx, self.batch)
         if rc == 0:
             return True

@@ -77,3 +77,20 @@ def test_n4_over_http_costs_less_than_twice_n1():
         assert len({c["text"] for c in four["choices"]}) > 1
         assert four["usage"]["completion_tokens"] == 4 * 24
         assert t4 < 2.5 * min(t1, t1b), (t1, t4, t1b)
+
+
+def test_fast_first_token_saves_a_decode():
+    """--fastfirsttoken: a new prompt's first token comes from one llama_decode instead of two."""
+    for fast, decodes in ((False, 2), (True, 1)):
+        e = Engine(EngineConfig(bundled_model_path(), n_ctx=512, n_threads=2, n_slots=2, fast_first_token=fast))
+        try:
+            before = e.counters["decodes"]
+            r = e.submit(GenRequest(prompt="The capital of France is", max_length=1,
+                                    sampling=SamplingParams(temperature=0))).wait(120)
+            assert r.completion_tokens == 1 and r.text.strip()
+            assert e.counters["decodes"] - before == decodes
+            r = e.submit(GenRequest(prompt="Once upon a time, in a land far away,", max_length=6,
+                                    sampling=SamplingParams(temperature=0))).wait(120)
+            assert r.completion_tokens == 6
+        finally:
+            e.close()
