@@ -168,6 +168,22 @@ def smartcache(model, threads):
     return (cold + cold2) / 2, back
 
 
+def fast_first_token(model, threads, reps=5):
+    """Time to first token of new short prompts, default against --fastfirsttoken (servers alternated)."""
+    a = ServerProcess(model, "--threads", str(threads), "--parallelrequests", "4", "--contextsize", "2048", "--quiet")
+    b = ServerProcess(model, "--threads", str(threads), "--parallelrequests", "4", "--contextsize", "2048", "--quiet",
+                      "--fastfirsttoken")
+    try:
+        ta, tb = [], []
+        for i in range(reps):
+            ta.append(ttft(a.url, f"[{i} a {time.time()}] Hello, how are you today? Tell me about the weather."))
+            tb.append(ttft(b.url, f"[{i} b {time.time()}] Hello, how are you today? Tell me about the weather."))
+    finally:
+        a.stop()
+        b.stop()
+    return statistics.median(ta), statistics.median(tb)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
@@ -175,10 +191,10 @@ def main():
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--skip-peer", action="store_true", help="no llama-server comparison")
-    ap.add_argument("--only", default="", help="comma list of: peer,batched,n,smartcache")
+    ap.add_argument("--only", default="", help="comma list of: peer,batched,n,smartcache,ttft")
     a = ap.parse_args()
     model = a.model or bundled_model_path()
-    only = set(a.only.split(",")) if a.only else {"peer", "batched", "n", "smartcache"}
+    only = set(a.only.split(",")) if a.only else {"peer", "batched", "n", "smartcache", "ttft"}
     have_peer = os.path.exists(os.path.join(BIN, "llama-server")) and not a.skip_peer
     print(f"model {os.path.basename(model)}, {a.threads} threads, {a.tokens} tokens per request, greedy, EOS ignored;"
           f" load average at start {os.getloadavg()[0]:.1f}")
@@ -188,6 +204,10 @@ def main():
         print(f"n=1: {t1 * 1000:.0f} ms   n=4: {t4 * 1000:.0f} ms   ratio {t4 / t1:.2f}x (cached prompt)")
         print(f"n=1: {c1 * 1000:.0f} ms   n=4: {c4 * 1000:.0f} ms   ratio {c4 / c1:.2f}x (new 1,500-token prompt, "
               f"8 tokens)")
+    if "ttft" in only:
+        ta, tb = fast_first_token(model, a.threads)
+        print(f"TTFT short new prompt: default {ta * 1000:.0f} ms, --fastfirsttoken {tb * 1000:.0f} ms: "
+              f"{tb / ta:.2f}x")
     if "smartcache" in only:
         cold, back = smartcache(model, a.threads)
         print(f"SmartCache: cold TTFT (1,500 tokens) {cold * 1000:.0f} ms, returning after eviction "
