@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fastfirsttoken", action="store_true",
                    help="decode a prompt's last token with the prompt: one decode fewer before the first token, "
                         "but the same seed may then give a different text cached, batched or alone")
+    p.add_argument("--promptlookup", type=_int_range(0, 16, "--promptlookup"), nargs="?", const=8, default=0,
+                   help="speculative decoding for greedy requests: draft up to N tokens from earlier in the context "
+                        "and verify them in one decode (alone: 8; 0 = off); the text is unchanged")
     p.add_argument("--noshift", action="store_true", help="disable ContextShift")
     p.add_argument("--nofastforward", action="store_true", help="disable FastForward prompt reuse (implies --noshift)")
     p.add_argument("--flashattention", "-fa", action="store_true", help="use flash attention")
@@ -326,7 +329,8 @@ def serve(args: argparse.Namespace) -> int:
                        use_mlock=args.usemlock, n_slots=args.parallelrequests, max_queue=max_queue,
                        fastforward=not args.nofastforward, contextshift=not args.noshift, quiet=args.quiet,
                        embedding_model_path=args.embeddingsmodel, smartcache=args.smartcache,
-                       smartcache_mb=args.smartcachemb, fast_first_token=args.fastfirsttoken)
+                       smartcache_mb=args.smartcachemb, fast_first_token=args.fastfirsttoken,
+                       prompt_lookup=args.promptlookup)
     print(f"Loading {model_path} ...", flush=True)
     try:
         engine = Engine(cfg)

@@ -50,6 +50,7 @@ class EngineConfig:
     smartcache: int = 0  # conversations kept in host memory when their slot is taken over (0: off)
     smartcache_mb: int = 1024  # and at most this many MiB of them
     fast_first_token: bool = False  # decode the last prompt token with the prompt (faster, not reproducible)
+    prompt_lookup: int = 0  # > 0: draft this many tokens from earlier context for greedy requests (speculative)
 
 
 _backend_lock = threading.Lock()
@@ -200,6 +201,7 @@ class _Slot:
         self.helpers: List["_Slot"] = []  # the job's other slots (one sequence per beam)
         self.beam_of: Optional["_Slot"] = None  # on a helper: the slot driving its beam search
         self.finished_beams: List[tuple] = []  # (normalised score, raw score, tokens, text)
+        self.draft: List[int] = []  # --promptlookup: draft tokens in the current decode
 
     @property
     def prefilling(self) -> bool:
@@ -282,7 +284,7 @@ class Engine:
         self.last_genkey = ""
         # tokens decoded from prompts, copied between slots, restored from the SmartCache (tests and /perf)
         self.counters = {"prompt_decoded": 0, "prompt_copied": 0, "prompt_restored": 0, "saved": 0, "restored": 0,
-                         "decodes": 0}
+                         "decodes": 0, "drafted": 0, "draft_accepted": 0}
         self._saved: List[_Saved] = []  # SmartCache, engine thread only
 
         self._thread = gbnf.start_thread(self._loop, "engine")  # llama.cpp's grammar matching recurses
@@ -718,6 +720,45 @@ class Engine:
     def smartcache_bytes(self) -> int:
         return sum(len(e.data) for e in self._saved)
 
+    # ---------- prompt-lookup speculative decoding (--promptlookup N) ----------
+
+    def _draft(self, s: _Slot, room: int) -> List[int]:
+        """Up to N tokens that followed the latest earlier occurrence of the context's last 3 (else 2) tokens: a
+        guess, checked in the same decode. Greedy requests only, so the text is what plain decoding gives."""
+        k = min(self.cfg.prompt_lookup, room, s.max_new - len(s.generated) - 1, self.n_ctx - len(s.cache) - 2)
+        req = s.job.request
+        if k < 1 or not s.sampler or not s.sampler.greedy or req.banned_phrases or req.sampling.grammar or s.beams:
+            return []
+        ctx = np.asarray(s.prompt + s.generated, dtype=np.int64)
+        for size in (3, 2):
+            if len(ctx) <= size:
+                continue
+            key = ctx[-size:]
+            hits = np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(ctx[:-1], size) == key, axis=1))
+            if len(hits):
+                start = int(hits[-1]) + size
+                return [int(t) for t in ctx[start:start + k]]
+        return []
+
+    def _sample_draft(self, s: _Slot, idx: int):
+        """Sample the rows of a decoded draft in order while each sampled token is the next draft token; the cache
+        entries after the first miss are dropped."""
+        draft, s.draft = s.draft, []
+        base = len(s.cache) - len(draft)  # position of the first draft token
+        self.counters["drafted"] += len(draft)
+        for i in range(len(draft) + 1):
+            self._sample(s, idx + i)
+            if s.job is None:
+                return  # finished: entries past the end are valid KV for the tokens they hold
+            if i < len(draft) and s.pending == draft[i]:
+                s.pending = None  # already in the cache
+                self.counters["draft_accepted"] += 1
+                continue
+            if base + i < len(s.cache):
+                L.llama_memory_seq_rm(self.mem, s.seq, base + i, -1)
+                del s.cache[base + i:]
+            return
+
     # ---------- beam search ----------
 
     def _start_beams(self, slot: _Slot, helpers: List[_Slot]):
@@ -932,10 +973,18 @@ class Engine:
             s.cache.append(tok)
             rows.append((s, n))
             n += 1
+            s.draft = self._draft(s, self.n_batch - n - self.n_slots)
+            for d in s.draft:  # verified in this same decode
+                self._put(b, n, d, len(s.cache), s.seq, True)
+                s.cache.append(d)
+                n += 1
         if n and self._decode(n):
             for s, idx in rows:
                 if s.job is not None:
-                    self._sample(s, idx)
+                    if s.draft:
+                        self._sample_draft(s, idx)
+                    else:
+                        self._sample(s, idx)
             for s, mine in beam_rows:
                 if s.job is not None:
                     self._beam_select(s, mine)
