@@ -184,6 +184,28 @@ def fast_first_token(model, threads, reps=5):
     return statistics.median(ta), statistics.median(tb)
 
 
+def prompt_lookup(model, threads, n_tokens):
+    """Greedy copy of a given text: default against --promptlookup 8 (servers alternated, prompt cached)."""
+    text = ("The old lighthouse stood on the rocks at the end of the harbour. Every night the keeper climbed the "
+            "ninety steps, lit the lamp and watched the ships pass by until the sun came up over the sea. ") * 2
+    prompt = f"Copy the text exactly.\nText: {text}\nCopy: {text}\n\nText: {text}\nCopy:"
+    servers = [ServerProcess(model, "--threads", str(threads), "--contextsize", "2048", "--quiet", *extra)
+               for extra in ((), ("--promptlookup", "8"))]
+    try:
+        times, texts = [[], []], [None, None]
+        for s in servers:
+            post(s.url + "/v1/completions", greedy(prompt, 1))
+        for _ in range(2):
+            for i, s in enumerate(servers):
+                t = time.perf_counter()
+                texts[i] = post(s.url + "/v1/completions", greedy(prompt, n_tokens))["choices"][0]["text"]
+                times[i].append(time.perf_counter() - t)
+    finally:
+        for s in servers:
+            s.stop()
+    return min(times[0]), min(times[1]), texts[0] == texts[1]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
@@ -191,10 +213,10 @@ def main():
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--skip-peer", action="store_true", help="no llama-server comparison")
-    ap.add_argument("--only", default="", help="comma list of: peer,batched,n,smartcache,ttft")
+    ap.add_argument("--only", default="", help="comma list of: peer,batched,n,smartcache,ttft,lookup")
     a = ap.parse_args()
     model = a.model or bundled_model_path()
-    only = set(a.only.split(",")) if a.only else {"peer", "batched", "n", "smartcache", "ttft"}
+    only = set(a.only.split(",")) if a.only else {"peer", "batched", "n", "smartcache", "ttft", "lookup"}
     have_peer = os.path.exists(os.path.join(BIN, "llama-server")) and not a.skip_peer
     print(f"model {os.path.basename(model)}, {a.threads} threads, {a.tokens} tokens per request, greedy, EOS ignored;"
           f" load average at start {os.getloadavg()[0]:.1f}")
@@ -208,6 +230,10 @@ def main():
         ta, tb = fast_first_token(model, a.threads)
         print(f"TTFT short new prompt: default {ta * 1000:.0f} ms, --fastfirsttoken {tb * 1000:.0f} ms: "
               f"{tb / ta:.2f}x")
+    if "lookup" in only:
+        t0, t1, same = prompt_lookup(model, a.threads, a.tokens)
+        print(f"extractive task, {a.tokens} greedy tokens: plain {t0 * 1000:.0f} ms, --promptlookup 8 "
+              f"{t1 * 1000:.0f} ms: {t0 / t1:.2f}x speed-up, same text: {same}")
     if "smartcache" in only:
         cold, back = smartcache(model, a.threads)
         print(f"SmartCache: cold TTFT (1,500 tokens) {cold * 1000:.0f} ms, returning after eviction "
