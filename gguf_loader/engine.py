@@ -725,6 +725,8 @@ class Engine:
     def _draft(self, s: _Slot, room: int) -> List[int]:
         """Up to N tokens that followed the latest earlier occurrence of the context's last 3 (else 2) tokens: a
         guess, checked in the same decode. Greedy requests only, so the text is what plain decoding gives."""
+        if not self.cfg.prompt_lookup:
+            return []
         k = min(self.cfg.prompt_lookup, room, s.max_new - len(s.generated) - 1, self.n_ctx - len(s.cache) - 2)
         req = s.job.request
         if k < 1 or not s.sampler or not s.sampler.greedy or req.banned_phrases or req.sampling.grammar or s.beams:
