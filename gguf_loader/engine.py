@@ -739,7 +739,12 @@ class Engine:
             hits = np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(ctx[:-1], size) == key, axis=1))
             if len(hits):
                 start = int(hits[-1]) + size
-                return [int(t) for t in ctx[start:start + k]]
+                out = []
+                for t in ctx[start:start + k]:
+                    if t < 0:  # never a non-token id (media stand-ins on the multimodal branch)
+                        break
+                    out.append(int(t))
+                return out
         return []
 
     def _sample_draft(self, s: _Slot, idx: int):
