@@ -100,10 +100,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a model's thinking in chat replies: separate (reasoning_content / thinking), none (left in "
                         "the text), drop (removed)")
     p.add_argument("--embeddingsmodel", default=None, help="separate GGUF model for /v1/embeddings")
+    p.add_argument("--rerankmodel", default=None, metavar="FILE",
+                   help="reranker GGUF (e.g. bge-reranker, Qwen3-Reranker) for /v1/rerank, loaded with rank pooling")
+    p.add_argument("--mmproj", default=None, help="vision/audio projector (mmproj GGUF) made for the model")
+    p.add_argument("--visionmaxres", type=_int_range(64, 8192, "--visionmaxres"), default=1024,
+                   help="scale images down so their longest side is at most this many pixels")
+    p.add_argument("--allowremotemedia", action="store_true",
+                   help="let clients send http(s) image URLs (fetched with size/time limits, public addresses only)")
     p.add_argument("--sdurl", default=None, help="Automatic1111 server for /v1/images/generations (or SD_WEBUI_URL)")
     p.add_argument("--maxrequestsize", type=_int_range(1, 1024, "--maxrequestsize"), default=32, help="request body limit in MB")
     p.add_argument("--preloadstory", default=None, help="story JSON served at /api/extra/preloadstory")
-    p.add_argument("--hordemodelname", default=None, help="model name to report instead of the file name")
+    p.add_argument("--hordemodelname", default=None, help="model name to report (and to serve on the AI Horde) "
+                   "instead of the file name")
+    p.add_argument("--hordekey", default=None, metavar="KEY", help="AI Horde API key: also serve text jobs of the "
+                   "AI Horde while no local user needs the slot (needs --hordeworkername)")
+    p.add_argument("--hordeworkername", default=None, metavar="NAME", help="worker name on the AI Horde")
+    p.add_argument("--hordemaxctx", type=_int_range(0, 32768, "--hordemaxctx"), default=0,
+                   help="largest context a Horde job may use; 0 = the server's context")
+    p.add_argument("--hordegenlen", type=_int_range(0, 1024, "--hordegenlen"), default=0,
+                   help="most tokens a Horde job may generate; 0 = --defaultgenamt (at most 1024)")
+    p.add_argument("--hordeurl", default=None, metavar="URL",
+                   help="AI Horde API base URL (default https://aihorde.net/api)")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
 
@@ -188,7 +205,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     finalize_args(args)
     if args.showgui and args.skiplauncher:
         raise ArgError("--showgui and --skiplauncher cannot be used together")
+    check_horde_args(args)
     return args
+
+
+def check_horde_args(args: argparse.Namespace):
+    """The Horde flags make sense together or not at all (the key itself is never echoed)."""
+    if args.hordekey is not None and not args.hordekey.strip():
+        raise ArgError("--hordekey is empty")
+    if args.hordekey and not (args.hordeworkername or "").strip():
+        raise ArgError("--hordekey needs --hordeworkername (the worker's name on the AI Horde)")
+    if args.hordeurl and not re.match(r"^https?://[^\s/]+", args.hordeurl):
+        raise ArgError(f"--hordeurl must be an http:// or https:// URL, got {args.hordeurl!r}")
 
 
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -292,7 +320,13 @@ def serve(args: argparse.Namespace) -> int:
     import gguf_loader
     from adapters import kobold
     from server.app import ServerState, build_server
+    from server.http import log_line
+    from server.ops import LoadStatus, PromptProgressLog
 
+    try:
+        check_horde_args(args)  # the launcher's settings skip parse_args
+    except ArgError as e:
+        return _err(str(e), 2)
     model_path, rc = _model_path(args)
     if rc is not None:
         return rc
@@ -303,6 +337,18 @@ def serve(args: argparse.Namespace) -> int:
                 gguf_loader.inspect(args.embeddingsmodel)
             except gguf_loader.GGUFError as e:
                 raise gguf_loader.GGUFError(f"--embeddingsmodel: {e}")
+        if args.rerankmodel:
+            try:
+                gguf_loader.inspect(args.rerankmodel)
+            except gguf_loader.GGUFError as e:
+                raise gguf_loader.GGUFError(f"--rerankmodel: {e}")
+        if args.mmproj:
+            from gguf_loader.inspect import inspect_projector
+            try:
+                proj = inspect_projector(args.mmproj, info.n_embd)
+            except gguf_loader.GGUFError as e:
+                raise gguf_loader.GGUFError(f"--mmproj: {e}")
+            print(f"Projector: {proj.describe()}")
         preload = read_json_file(args.preloadstory, "--preloadstory file") if args.preloadstory else None
     except (gguf_loader.GGUFError, ArgError) as e:
         return _err(str(e))
@@ -323,61 +369,119 @@ def serve(args: argparse.Namespace) -> int:
     threads = args.threads if args.threads > 0 else default_threads()
     max_queue = args.multiuser - 1 if args.multiuser > 1 else (6 if args.multiuser == 1 else 0)
 
+    # The port serves while the model loads: /health says "loading" (with progress), everything else 503.
+    stopping = threading.Event()
+    httpd.load = LoadStatus(model_path, cancelled=stopping.is_set)
+    server_thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.5}, name="http",
+                                     daemon=True)
+    server_thread.start()
+
+    def stop_server():
+        stopping.set()
+        threading.Thread(target=httpd.shutdown, daemon=True).start()
+
+    def on_term(signum, frame):
+        stop_server()
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+    except (ValueError, OSError):  # not the main thread (embedded use)
+        pass
+
     from gguf_loader.engine import Engine, EngineConfig, ModelLoadError
     cfg = EngineConfig(model_path, n_ctx=n_ctx, n_threads=threads, n_batch=args.batchsize,
                        n_gpu_layers=args.gpulayers, flash_attn=args.flashattention, use_mmap=args.usemmap,
                        use_mlock=args.usemlock, n_slots=args.parallelrequests, max_queue=max_queue,
                        fastforward=not args.nofastforward, contextshift=not args.noshift, quiet=args.quiet,
-                       embedding_model_path=args.embeddingsmodel, smartcache=args.smartcache,
+                       embedding_model_path=args.embeddingsmodel, rerank_model_path=args.rerankmodel,
+                       mmproj_path=args.mmproj, on_load_progress=httpd.load.update, smartcache=args.smartcache,
                        smartcache_mb=args.smartcachemb, fast_first_token=args.fastfirsttoken,
                        prompt_lookup=args.promptlookup)
     print(f"Loading {model_path} ...", flush=True)
+
+    def close_http():
+        stop_server()
+        server_thread.join(5)
+        httpd.server_close()
     try:
         engine = Engine(cfg)
     except KeyboardInterrupt:
-        httpd.server_close()
+        close_http()
         return _err("interrupted while loading the model", 130)
     except Exception as e:
-        httpd.server_close()
+        close_http()
+        if stopping.is_set():
+            return _err("stopped while loading the model", 130)
         return _err(str(e) if isinstance(e, ModelLoadError) else f"could not load {model_path}: {type(e).__name__}: {e}")
 
+    if args.rerankmodel:
+        try:
+            engine.load_reranker()
+        except ModelLoadError as e:
+            httpd.server_close()
+            engine.close()
+            return _err(f"--rerankmodel: {e}")
     model_name = friendly_model_name(args, model_path)
     try:
         chat = _chat_context(args, engine, model_name)
     except ArgError as e:
-        httpd.server_close()
+        close_http()
         engine.close()
         return _err(str(e))
-    httpd.state = ServerState(
+    from adapters.media import MediaPolicy
+    media = MediaPolicy(vision=engine.vision, audio=engine.audio, max_res=args.visionmaxres,
+                        allow_remote=args.allowremotemedia, max_bytes=min(args.maxrequestsize * 1024 * 1024,
+                                                                          20 * 1024 * 1024))
+    chat.media = media
+    defaults = kobold.GenDefaults(max_length=args.defaultgenamt, max_context_length=engine.n_ctx,
+                                  n_vocab=engine.n_vocab, instruct_tags=chat.adapter, media=media)
+    state = ServerState(
         engine=engine, model_name=model_name, password=args.password or None,
-        max_body=args.maxrequestsize * 1024 * 1024, quiet=args.quiet,
-        defaults=kobold.GenDefaults(max_length=args.defaultgenamt, max_context_length=engine.n_ctx,
-                                    n_vocab=engine.n_vocab, instruct_tags=chat.adapter),
+        max_body=args.maxrequestsize * 1024 * 1024, quiet=args.quiet, defaults=defaults,
         chat=chat, program_version=PROGRAM_VERSION, preloadstory=preload,
         sdurl=args.sdurl or os.environ.get("SD_WEBUI_URL") or None, api_version=VERSION)
 
     shown_host = "localhost" if host in ("", "0.0.0.0", "::", "127.0.0.1", "::1") else host
     url = f"http://{shown_host if ':' not in shown_host else '[' + shown_host + ']'}:{args.port}"
-    _banner(args, httpd.state, url, host, threads, max_queue, model_path)
+    _banner(args, state, url, host, threads, max_queue, model_path)
+    progress_log = PromptProgressLog(engine)
+    progress_log.start()
+    horde = _start_horde(args, engine, defaults, model_name, log_line)
+    if horde:
+        httpd.extras["horde"] = horde
+    httpd.state = state  # from here on every route answers
+    httpd.load = None
 
-    def on_term(signum, frame):
-        threading.Thread(target=httpd.shutdown, daemon=True).start()
-    try:
-        signal.signal(signal.SIGTERM, on_term)
-    except (ValueError, OSError):  # not the main thread (embedded use)
-        pass
     if args.launch:
         import webbrowser
         threading.Timer(1.0, lambda: webbrowser.open(url + "/")).start()
     try:
-        httpd.serve_forever(poll_interval=0.5)
+        while server_thread.is_alive():
+            server_thread.join(0.5)
     except KeyboardInterrupt:
         pass
     finally:
         print("Shutting down.", flush=True)
-        httpd.server_close()
+        if horde:
+            horde.stop()
+        progress_log.stop()
+        close_http()
         engine.close()
     return 0
+
+
+def _start_horde(args, engine, defaults, model_name, log):
+    """The AI Horde worker when --hordekey is given; its limits default to the server's."""
+    if not args.hordekey:
+        return None
+    from server.horde import DEFAULT_URL, HORDE_MAX_LENGTH, HordeConfig, HordeWorker
+    max_ctx = min(args.hordemaxctx or engine.n_ctx, engine.n_ctx)
+    gen = min(args.hordegenlen or args.defaultgenamt, HORDE_MAX_LENGTH, max_ctx - 1)
+    worker = HordeWorker(HordeConfig(api_key=args.hordekey, worker_name=args.hordeworkername,
+                                     model_name=model_name, url=args.hordeurl or DEFAULT_URL,
+                                     max_context_length=max_ctx, max_length=gen, version=PROGRAM_VERSION),
+                         engine, defaults, log)
+    worker.start()
+    return worker
 
 
 def main(argv=None) -> int:

@@ -31,6 +31,7 @@ class Context:
     use_jinja: bool = False
     default_max_length: int = 896
     log: Callable[[str], None] = print
+    media: object = None  # adapters.media.MediaPolicy (None: no images/audio accepted)
     reasoning_format: str = "separate"  # --reasoningformat: how chat replies carry a model's thinking
     warned: set = field(default_factory=set)
 

@@ -1,4 +1,4 @@
-"""API errors and their JSON bodies in each dialect (native Kobold, OpenAI, Ollama)."""
+"""API errors and their JSON bodies in each dialect (native Kobold, OpenAI, Ollama, Anthropic)."""
 from __future__ import annotations
 
 
@@ -69,9 +69,18 @@ _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404:
                  405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error"}
 
 
+# Anthropic's error types by status (its SDK maps them back to exception classes)
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+                    429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
+
+
 def error_body(dialect: str, err: ApiError) -> dict:
-    """The JSON body for `err` in `dialect` ("kobold", "openai" or "ollama")."""
-    if dialect == "openai":
+    """The JSON body for `err` in `dialect` ("kobold", "openai", "ollama" or "anthropic")."""
+    if dialect == "anthropic":
+        body = {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(err.status, "api_error"),
+                                           "message": err.msg}}
+    elif dialect == "openai":
         body = {"error": {"message": err.msg, "type": _OPENAI_TYPES.get(err.status, err.type),
                           "param": err.param, "code": err.type}}
     elif dialect == "ollama":

@@ -7,7 +7,7 @@ from typing import Iterator, Optional
 
 from gguf_loader.jobs import GenRequest, Job, Result
 
-from . import fields as F, instruct, sse
+from . import fields as F, instruct, media as mediamod, sse
 from .logprobs import chat_logprobs, completion_logprobs
 from .errors import BadRequest
 from .parsing import OutputParser, OutputSpec
@@ -21,6 +21,7 @@ class GenDefaults:
     max_context_length: int = 8192  # the server's context
     n_vocab: int = 0  # 0 = unknown: token ids are not range-checked
     instruct_tags: Optional[dict] = None  # server chat adapter tags for placeholders (None: Alpaca)
+    media: Optional[object] = None  # adapters.media.MediaPolicy (None: no images/audio accepted)
 
 
 def _instruct_tags(b: F.Body, defaults: GenDefaults) -> dict:
@@ -57,9 +58,16 @@ def parse_generate(body, defaults: GenDefaults) -> GenRequest:
         memory = instruct.replace_placeholders(memory, tags)
         stops = [s for s in (instruct.replace_placeholders(s, tags) for s in stops) if s]
     logprobs, top = _logprobs(b)
+    policy = defaults.media or mediamod.MediaPolicy()
+    media = mediamod.base64_list(b.data.get("images"), policy, "image", "images")
+    media += mediamod.base64_list(b.data.get("audio"), policy, "audio", "audio")
+    mediamod.check_count(len(media), policy, "images")
+    # as in KoboldCpp, media go right after memory, before the story text
+    prompt = mediamod.placeholders(media) + mediamod.strip_markers(prompt)
     return GenRequest(
         prompt=prompt,
-        memory=memory,
+        memory=mediamod.strip_markers(memory),
+        media=media,
         max_length=max_length,
         max_context_length=max_context_length,
         sampling=F.sampling(b, defaults.n_vocab),
@@ -214,6 +222,8 @@ def perf_response(perf: dict, quiet: bool) -> dict:
         "last_eval_speed": round(n_out / et, 2) if et > 0 else 0,
         "last_seed": g("last_seed", 0),
         "last_cached_tokens": g("last_cached_tokens", 0),
+        "last_media_tokens": g("last_media_tokens", 0),  # image/audio embeddings among the input tokens
+        "last_encode_time": round(g("last_encode_time", 0.0), 4),  # seconds the projector encoded media
         "last_draft_success": 0,
         "last_draft_failed": 0,
         "total_gens": g("total_gens", 0),

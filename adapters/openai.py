@@ -16,7 +16,7 @@ from typing import Iterator, List, Optional
 
 from gguf_loader.jobs import BudgetError, GenRequest, token_budget
 
-from . import chat, fields as F, instruct, tools as toolmod
+from . import chat, fields as F, fim, instruct, media as mediamod, tools as toolmod
 from .chat import MAX_N, Context, Plan, new_id  # noqa: F401 (Context is part of this module's interface)
 from .errors import ApiError, BadRequest, error_body
 from .logprobs import chat_logprobs, completion_logprobs
@@ -143,15 +143,35 @@ def _include_usage(b: F.Body) -> bool:
     return F.Body(so).bool("include_usage")
 
 
-def _content_text(content, i: int) -> str:
+def _media_part(part: dict, kind: str, i: int, j: int, policy) -> "mediamod.Media":
+    """An image_url / input_image / input_audio part -> an engine Media item (BadRequest naming the part)."""
+    policy = policy or mediamod.MediaPolicy()
+    where = f"messages[{i}].content[{j}]"
+    if kind in ("image_url", "input_image", "image"):
+        v = part.get("image_url", part.get("image"))
+        url = v.get("url") if isinstance(v, dict) else v
+        return mediamod.image_url(url, policy, where, "messages")
+    if kind in ("input_audio", "audio"):
+        v = part.get("input_audio", part.get("audio"))
+        if not isinstance(v, dict) or not isinstance(v.get("data"), str):
+            raise _bad(f"{where}: an input_audio part needs {{'data': base64, 'format': 'wav'|'mp3'}}", "messages")
+        if not policy.audio:
+            return mediamod.audio(b"", policy, where, "messages")
+        return mediamod.audio(mediamod.b64decode(v["data"], where, "messages"), policy, where, "messages")
+    raise _bad(f"{where}: file parts are not supported; send images as image_url data: URLs", "messages")
+
+
+def _content_text(content, i: int, media=None, policy=None) -> str:
+    """Message content as text; image/audio parts become media markers and their items are appended to
+    `media` (None: media parts are refused)."""
     if content is None or isinstance(content, str):
-        return F.clean_text(content or "")
+        return F.clean_text(mediamod.strip_markers(content or ""))
     if not isinstance(content, list):
         raise _bad(f"messages[{i}].content must be a string or an array of content parts", "messages")
     out = []
-    for part in content:
+    for j, part in enumerate(content):
         if isinstance(part, str):
-            out.append(part)
+            out.append(mediamod.strip_markers(part))
             continue
         if not isinstance(part, dict):
             raise _bad(f"messages[{i}].content parts must be objects", "messages")
@@ -159,20 +179,25 @@ def _content_text(content, i: int) -> str:
         if kind in ("text", "input_text"):
             if not isinstance(part.get("text"), str):
                 raise _bad(f"messages[{i}]: a text part needs a string 'text'", "messages")
-            out.append(part["text"])
+            out.append(mediamod.strip_markers(part["text"]))
         elif kind == "refusal":
             out.append(part.get("refusal") if isinstance(part.get("refusal"), str) else "")
         elif kind in ("image_url", "input_image", "input_audio", "image", "audio", "file"):
-            raise _bad(f"messages[{i}] holds a{'n image' if 'image' in kind else ' media'} part, but the loaded model "
-                       f"has no vision/audio projector; send text only", "messages")
+            if media is None:
+                raise _bad(f"messages[{i}] holds a{'n image' if 'image' in kind else ' media'} part, but the loaded "
+                           f"model has no vision/audio projector; send text only", "messages")
+            media.append(_media_part(part, kind, i, j, policy))
+            mediamod.check_count(len(media), policy or mediamod.MediaPolicy(), "messages")
+            out.append(mediamod.placeholders(media[-1:]))
         else:
             raise _bad(f"messages[{i}]: unknown content part type {kind!r}", "messages")
     return F.clean_text("".join(out))
 
 
-def parse_messages(messages) -> List[dict]:
+def parse_messages(messages, media=None, policy=None) -> List[dict]:
     """OpenAI messages -> normalised {role, content, tool_calls?, tool_call_id?, name?}. A `message` key is taken
-    as the content (the Chinese-LLaMA-Alpaca server's clients send it)."""
+    as the content (the Chinese-LLaMA-Alpaca server's clients send it). Image/audio parts are appended to `media`
+    and leave a media marker in the content."""
     if not isinstance(messages, list) or not messages:
         raise _bad("'messages' must be a non-empty array", "messages")
     out = []
@@ -186,7 +211,7 @@ def parse_messages(messages) -> List[dict]:
         if content is None and role not in ("assistant", "function"):
             raise _bad(f"messages[{i}] has no 'content'" if "content" not in m else
                        f"messages[{i}].content must not be null", "messages")
-        msg = {"role": "tool" if role == "function" else role, "content": _content_text(content, i)}
+        msg = {"role": "tool" if role == "function" else role, "content": _content_text(content, i, media, policy)}
         if m.get("tool_calls") is not None:
             if not isinstance(m["tool_calls"], list):
                 raise _bad(f"messages[{i}].tool_calls must be an array", "messages")
@@ -222,7 +247,7 @@ def reasoning_options(b: F.Body) -> dict:
     rf = b.raw("reasoning_format")
     if rf is F.MISSING or rf is None:
         rf = None
-    elif rf not in chat.REASONING_FORMATS:
+    elif not isinstance(rf, str) or rf not in chat.REASONING_FORMATS:
         raise _bad("'reasoning_format' must be one of " + ", ".join(chat.REASONING_FORMATS), "reasoning_format")
     return {"reasoning_effort": effort, "template_kwargs": kw, "reasoning_format": rf}
 
@@ -246,12 +271,14 @@ def parse_chat(body, ctx: Context) -> Plan:
     b = F.Body(body)
     n = b.int("n", 1, 1, MAX_N)
     best_of = _best_of(b, n, 1, b.bool("stream"))
-    messages = parse_messages(b.data.get("messages"))
+    media: list = []
+    messages = parse_messages(b.data.get("messages"), media, getattr(ctx, "media", None))
     adapter = chat.request_adapter(ctx, b.data.get("adapter"))
     stream = b.bool("stream")
     logprobs = b.bool("logprobs")
     top_lp = b.int("top_logprobs", 0, 0, F.MAX_LOGPROBS)
     template = _template(b, ctx, adapter, top_lp if logprobs else None)
+    template.media = media
     tools, choice = toolmod.validate_tools(b.data.get("tools"), b.data.get("tool_choice"))
     if choice != "none" and tools and b.data.get("response_format") is not None and template.sampling.grammar:
         raise _bad("'response_format' cannot be combined with tool calling; use tool_choice 'none'", "response_format")
@@ -294,8 +321,10 @@ def parse_completion(body, ctx: Context) -> Plan:
         raise _bad(f"at most {MAX_N} choices per request (prompts x n)", "n")
     best_of = _best_of(b, n, len(prompts), b.bool("stream"))
     suffix = b.raw("suffix")
-    if suffix not in (F.MISSING, ""):
-        raise _bad("'suffix' (fill-in-the-middle) is not supported on this server; send the prompt only", "suffix")
+    if suffix is not F.MISSING and not isinstance(suffix, str):
+        raise _bad("'suffix' must be a string", "suffix")
+    if suffix is not F.MISSING and suffix != "":
+        fim.fim_ids(ctx.engine, "suffix")  # a model without FIM tokens is a 400 before anything else
     lp = b.raw("logprobs")
     if lp is True:
         lp = 5
@@ -315,7 +344,11 @@ def parse_completion(body, ctx: Context) -> Plan:
     for p in prompts:
         # a native-style text prompt may carry Kobold Lite's placeholders (this is not chat message content)
         text = instruct.replace_placeholders(p, adapter) if isinstance(p, str) else p
-        plan.requests += chat.for_choices(template, instruct.ChatPrompt(prompt=text, memory=memory), seeds)
+        if suffix not in (F.MISSING, ""):  # fill-in-the-middle: the prompt is the prefix
+            ids = fim.suffix_prompt(ctx.engine, text, suffix, template.max_length, template.max_context_length)
+            plan.requests += chat.for_choices(template, instruct.ChatPrompt(prompt=ids), seeds)
+        else:
+            plan.requests += chat.for_choices(template, instruct.ChatPrompt(prompt=text, memory=memory), seeds)
         if echo:
             plan.echo += [text if isinstance(text, str) else ctx.engine.detokenize(text)] * n
     return plan
@@ -468,13 +501,17 @@ def _chunks(plan: Plan, events) -> Iterator[bytes]:
 # ---------------------------------------------------------------------------------------------------------
 # models, embeddings, edits, moderations, images
 
-def models_list(model_name: str) -> dict:
-    return {"object": "list", "data": [model_card(model_name)]}
+def models_list(model_name: str, media=None) -> dict:
+    return {"object": "list", "data": [model_card(model_name, media)]}
 
 
-def model_card(model_name: str) -> dict:
-    return {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "koboldcpp",
+def model_card(model_name: str, media=None) -> dict:
+    card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "koboldcpp",
             "permission": [], "root": "koboldcpp"}
+    caps = [k for k, on in mediamod.describe(media).items() if on]
+    if caps:  # only with a projector, so text-only servers keep OpenAI's exact card
+        card["capabilities"] = ["completion"] + caps
+    return card
 
 
 def engines_list(model_name: str) -> dict:

@@ -28,6 +28,15 @@ DESCRIPTIONS = {
     "/api/extra/preloadstory": ("KoboldCpp", "Story preloaded with --preloadstory"),
     "/api/extra/embeddings": ("KoboldCpp", "Embeddings (same as /v1/embeddings)"),
     "/ping": ("Server", "Health check"),
+    "/health": ("Server", "Health for load balancers: 503 {status: loading, progress} while the model loads, then "
+                          "200 {status: ok, slots_idle, slots_processing}; ?fail_on_no_slot=1 gives 503 when no "
+                          "slot is idle"),
+    "/slots": ("Server", "Each slot (llama-server shape): id, is_processing, n_cached, prompt_progress, next_token; "
+                         "?fail_on_no_slot=1 gives 503 when none is idle"),
+    "/props": ("Server", "Server properties (llama-server shape): default_generation_settings, total_slots, "
+                         "chat_template, modalities, build_info"),
+    "/metrics": ("Server", "Prometheus text format: requests by route and status, tokens, speeds, queue depth, "
+                           "busy slots, KV cells used, model load time, AI Horde jobs"),
     "/": ("Server", "Kobold Lite web page"),
     "/klite": ("Server", "Kobold Lite web page"),
     "/api": ("Server", "This API documentation as a web page"),
@@ -56,6 +65,26 @@ DESCRIPTIONS = {
     "/api/version": ("Ollama", "Ollama API version"),
     "/api/generate": ("Ollama", "Generate (prompt, system, options); NDJSON stream unless stream is false"),
     "/api/chat": ("Ollama", "Chat (messages, options, tools); NDJSON stream unless stream is false"),
+    "/api/show": ("Ollama", "Model info, template, parameters and capabilities of the loaded model"),
+    "/api/embed": ("Ollama", "Embeddings of a string or strings (L2-normalised)"),
+    "/api/embeddings": ("Ollama (legacy)", "Embedding of one prompt"),
+    "/infill": ("Fill-in-the-middle", "llama-server's infill: input_prefix, input_suffix, input_extra around the "
+                                      "model's FIM tokens; 400 for a model without them; SSE with stream: true"),
+    "/v1/rerank": ("Reranking", "Score documents against a query with --rerankmodel (Jina/Cohere shape); 501 "
+                                "without a reranker"),
+    "/rerank": ("Reranking", "Alias of /v1/rerank"),
+    "/v1/reranking": ("Reranking", "Alias of /v1/rerank"),
+    "/reranking": ("Reranking", "Alias of /v1/rerank"),
+    "/v1/messages": ("Anthropic", "Messages (system, messages with text/tool_use/tool_result blocks, tools, "
+                                  "stop_sequences, max_tokens required); Anthropic's SSE events with stream: true; "
+                                  "key as x-api-key or Bearer"),
+    "/v1/messages/count_tokens": ("Anthropic", "Count the input tokens a Messages request would use"),
+    "/v1/responses": ("OpenAI", "Responses (input, instructions, function tools, previous_response_id, "
+                                "max_output_tokens); response.* SSE events with stream: true"),
+    "/responses": ("OpenAI", "Alias of /v1/responses"),
+    "/v1/responses/input_tokens": ("OpenAI", "Count the input tokens a Responses request would use"),
+    "/v1/responses/{response_id}": ("OpenAI", "Retrieve (GET) or delete (DELETE) a stored response (kept one hour, "
+                                              "at most 512)"),
 }
 
 # ---------------------------------------------------------------- schema helpers
@@ -126,7 +155,8 @@ SCHEMAS = {
     "GenerateResponse": _obj({"results": _arr(_obj({
         "text": _STR, "finish_reason": {"enum": ["stop", "length"]},
         "logprobs": {"anyOf": [_ref("KoboldLogprobs"), {"type": "null"}]},
-        "prompt_tokens": _NN_INT, "completion_tokens": _NN_INT, "tool_calls": {"type": "array"}},
+        "prompt_tokens": _NN_INT, "completion_tokens": _NN_INT, "tool_calls": {"type": "array"},
+        "reasoning_content": _STR},
         ["text", "finish_reason"]), minItems=1)}, ["results"]),
     "CheckResponse": _obj({"results": _arr(_obj({"text": _STR}, ["text"]), minItems=1)}, ["results"]),
     "AbortResponse": _obj({"success": {"enum": ["true", "false"]}, "done": {"enum": ["true", "false"]}},
@@ -154,6 +184,20 @@ SCHEMAS = {
     "Detokenized": _obj({"result": _STR, "success": _BOOL}, ["result", "success"]),
     "Grammar": _obj({"result": _STR, "success": _BOOL, "error": _STR}, ["result", "success"]),
     "Health": _obj({"status": _STR}, ["status"]),
+    "HealthDetail": _obj({"status": {"enum": ["ok", "loading"]}, "slots_idle": _NN_INT,
+                          "slots_processing": _NN_INT, "progress": _NUM}, ["status"]),
+    "Unavailable": _obj({"error": _obj({"code": _INT, "message": _STR, "type": _STR}, ["message"]),
+                         "status": _STR, "progress": _NUM}, ["error"]),
+    "Slots": _arr(_obj({"id": _NN_INT, "id_task": _INT, "n_ctx": _NN_INT, "is_processing": _BOOL,
+                        "n_cached": _NN_INT,
+                        "prompt_progress": {"anyOf": [{"type": "null"}, _obj({
+                            "total": _NN_INT, "cache": _NN_INT, "processed": _NN_INT, "time_ms": _NUM})]},
+                        "next_token": _obj({"has_next_token": _BOOL, "n_remain": _INT, "n_decoded": _NN_INT})},
+                       ["id", "is_processing"])),
+    "Props": _obj({"default_generation_settings": _obj({"n_ctx": _NN_INT, "params": {"type": "object"}}),
+                   "total_slots": _NN_INT, "chat_template": _STR, "model_path": _STR,
+                   "modalities": _obj({"vision": _BOOL, "audio": _BOOL}), "build_info": _STR},
+                  ["default_generation_settings", "total_slots", "chat_template", "modalities"]),
     "OpenAPIDocument": _obj({"openapi": _STR, "info": {"type": "object"}, "paths": {"type": "object"}},
                             ["openapi", "info", "paths"]),
     # OpenAI
@@ -163,7 +207,8 @@ SCHEMAS = {
         "choices": _arr(_obj({
             "index": _NN_INT,
             "message": _obj({"role": {"const": "assistant"}, "content": _NULLABLE_STR,
-                             "refusal": _NULLABLE_STR, "tool_calls": _arr(_TOOL_CALL)}, ["role", "content"]),
+                             "refusal": _NULLABLE_STR, "tool_calls": _arr(_TOOL_CALL),
+                             "reasoning_content": _STR}, ["role", "content"]),
             "finish_reason": {"enum": ["stop", "length", "tool_calls", "content_filter", "function_call"]},
             "logprobs": {"anyOf": [{"type": "null"}, _obj({
                 "content": {"type": ["array", "null"], "items": _TOKEN_LOGPROB},
@@ -206,6 +251,51 @@ SCHEMAS = {
         "name": _STR, "model": _STR, "modified_at": _STR, "size": _NN_INT, "digest": _STR,
         "details": {"type": "object"}}, ["name", "model", "modified_at", "size", "digest"]))}, ["models"]),
     "OllamaVersion": _obj({"version": _STR}, ["version"]),
+    "OllamaShow": _obj({"license": _STR, "modelfile": _STR, "parameters": _STR, "template": _STR,
+                        "details": {"type": "object"}, "model_info": {"type": "object"},
+                        "capabilities": _arr({"enum": ["completion", "tools", "insert", "vision", "embedding",
+                                                       "thinking"]}), "modified_at": _STR},
+                       ["modelfile", "parameters", "template", "details", "model_info", "capabilities"]),
+    "OllamaPs": _obj({"models": _arr(_obj({
+        "name": _STR, "model": _STR, "size": _NN_INT, "size_vram": _NN_INT, "digest": _STR, "expires_at": _STR,
+        "context_length": _NN_INT, "details": {"type": "object"}}, ["name", "model", "size", "size_vram"]))},
+        ["models"]),
+    "OllamaEmbed": _obj({"model": _STR, "embeddings": _arr(_arr(_NUM)), "total_duration": _NN_INT,
+                         "load_duration": _NN_INT, "prompt_eval_count": _NN_INT}, ["model", "embeddings"]),
+    "OllamaEmbedding": _obj({"embedding": _arr(_NUM)}, ["embedding"]),
+    "Infill": _obj({"content": _STR, "stop": _BOOL, "model": _STR, "tokens_predicted": _NN_INT,
+                    "tokens_evaluated": _NN_INT, "tokens_cached": _NN_INT, "truncated": _BOOL,
+                    "stop_type": {"enum": ["eos", "limit", "word"]}, "stopping_word": _STR,
+                    "timings": {"type": "object"}}, ["content", "stop"]),
+    "AnthropicError": _obj({"type": {"const": "error"}, "error": _obj({"type": _STR, "message": _STR},
+                                                                       ["type", "message"])}, ["type", "error"]),
+    "AnthropicMessage": _obj({
+        "id": _STR, "type": {"const": "message"}, "role": {"const": "assistant"}, "model": _STR,
+        "content": _arr({"anyOf": [
+            _obj({"type": {"const": "text"}, "text": _STR}, ["type", "text"]),
+            _obj({"type": {"const": "thinking"}, "thinking": _STR, "signature": _STR}, ["type", "thinking"]),
+            _obj({"type": {"const": "tool_use"}, "id": _STR, "name": _STR, "input": {"type": "object"}},
+                 ["type", "id", "name", "input"])]}),
+        "stop_reason": {"enum": ["end_turn", "max_tokens", "stop_sequence", "tool_use"]},
+        "stop_sequence": _NULLABLE_STR,
+        "usage": _obj({"input_tokens": _NN_INT, "output_tokens": _NN_INT}, ["input_tokens", "output_tokens"])},
+        ["id", "type", "role", "model", "content", "stop_reason", "usage"]),
+    "AnthropicTokenCount": _obj({"input_tokens": _NN_INT}, ["input_tokens"]),
+    "Response": _obj({
+        "id": _STR, "object": {"const": "response"}, "created_at": _INT,
+        "status": {"enum": ["completed", "incomplete", "in_progress", "failed"]}, "model": _STR,
+        "output": _arr({"type": "object", "required": ["type"], "properties": {
+            "type": {"enum": ["message", "function_call", "reasoning"]}}}),
+        "usage": {"type": ["object", "null"]}, "incomplete_details": {"type": ["object", "null"]},
+        "previous_response_id": _NULLABLE_STR},
+        ["id", "object", "created_at", "status", "model", "output"]),
+    "ResponseDeleted": _obj({"id": _STR, "object": {"const": "response.deleted"}, "deleted": _BOOL},
+                            ["id", "object", "deleted"]),
+    "ResponseInputTokens": _obj({"object": _STR, "input_tokens": _NN_INT}, ["input_tokens"]),
+    "Rerank": _obj({"id": _STR, "object": {"const": "list"}, "model": _STR, "results": _arr(_obj({
+        "index": _NN_INT, "relevance_score": _NUM, "document": _obj({"text": _STR}, ["text"])},
+        ["index", "relevance_score"])), "usage": _obj({"prompt_tokens": _NN_INT, "total_tokens": _NN_INT})},
+        ["results"]),
 }
 _OLLAMA_FINAL = {"model": _STR, "created_at": _STR, "done": _BOOL, "done_reason": _STR,
                  "total_duration": _NN_INT, "load_duration": _NN_INT, "prompt_eval_count": _NN_INT,
@@ -213,7 +303,7 @@ _OLLAMA_FINAL = {"model": _STR, "created_at": _STR, "done": _BOOL, "done_reason"
 SCHEMAS["OllamaGenerate"] = _obj({**_OLLAMA_FINAL, "response": _STR, "context": _arr(_INT)},
                                  ["model", "created_at", "response", "done"])
 SCHEMAS["OllamaChat"] = _obj({**_OLLAMA_FINAL, "message": _obj({
-    "role": {"const": "assistant"}, "content": _STR,
+    "role": {"const": "assistant"}, "content": _STR, "thinking": _STR,
     "tool_calls": _arr(_obj({"function": _obj({"name": _STR, "arguments": {"type": "object"}},
                                               ["name", "arguments"])}, ["function"]))}, ["role", "content"])},
     ["model", "created_at", "message", "done"])
@@ -245,6 +335,8 @@ _NATIVE = {
     "banned_tokens": _arr(_STR, maxItems=768), "ban_eos_token": _BOOL, "bypass_eos": _BOOL,
     "stop_sequence": _arr(_STR, maxItems=256), "trim_stop": _BOOL, "render_special": _BOOL,
     "replace_instruct_placeholders": _BOOL, "adapter": _ADAPTER,
+    "reasoning_format": {"enum": ["none", "separate", "drop"],
+                         "description": "separate: a leading <think> block goes to reasoning_content"},
     "logprobs": {"anyOf": [_BOOL, {"type": "integer", "minimum": 0, "maximum": 20}]},
     "genkey": {"type": "string", "maxLength": 128}, "quiet": _BOOL,
 }
@@ -283,7 +375,10 @@ _CHAT_BODY = _obj({
     "tool_choice": {"anyOf": [{"enum": ["none", "auto", "required"]},
                               _obj({"type": {"const": "function"}, "function": _obj({"name": _STR}, ["name"])},
                                    ["function"])]},
-    "continue_assistant_turn": _BOOL},
+    "continue_assistant_turn": _BOOL, "parallel_tool_calls": _BOOL,
+    "reasoning_effort": {"enum": ["none", "minimal", "low", "medium", "high", None]},
+    "chat_template_kwargs": {"type": ["object", "null"], "description": "variables for the model's template (--jinja)"},
+    "reasoning_format": {"enum": ["separate", "auto", "deepseek", "none", "raw", "drop", "hidden", None]}},
     ["messages"], description="Every native KoboldCpp sampler field is accepted too.")
 _PROMPT = {"anyOf": [_STR, _arr(_STR, minItems=1), _TOKEN_IDS, _arr(_TOKEN_IDS, minItems=1)]}
 _COMPLETION_BODY = _obj({
@@ -322,9 +417,95 @@ _OLLAMA_CHAT_BODY = _obj({"messages": _arr(_obj({
     "role": {"enum": ["system", "user", "assistant", "tool"]}, "content": _STR,
     "tool_calls": _arr(_obj({"function": _obj({"name": _STR, "arguments": {"type": "object"}}, ["name"])},
                             ["function"]))}, ["role", "content"]), minItems=1),
-    "tools": _arr(_TOOL), **_OLLAMA_COMMON}, ["messages"])
+    "tools": _arr(_TOOL), "think": {"anyOf": [_BOOL, {"enum": ["low", "medium", "high"]}]}, **_OLLAMA_COMMON},
+    ["messages"])
+
+_OLLAMA_MODEL = {"model": _STR, "name": {"type": "string", "description": "older name of 'model'"}}
+_OLLAMA_SHOW_BODY = _obj({**_OLLAMA_MODEL, "verbose": _BOOL})
+_OLLAMA_EMBED_BODY = _obj({**_OLLAMA_MODEL, "input": {"anyOf": [_STR, _arr(_STR, maxItems=2048)]},
+                           "truncate": {"type": "boolean", "description": "cut inputs longer than the context "
+                                                                          "(default true)"},
+                           "dimensions": {"type": "integer", "minimum": 1}, "options": {"type": "object"},
+                           "keep_alive": {"type": ["string", "number"]}})
+_OLLAMA_EMBEDDINGS_BODY = _obj({**_OLLAMA_MODEL, "prompt": _STR, "options": {"type": "object"},
+                                "keep_alive": {"type": ["string", "number"]}})
+_INFILL_BODY = _obj({
+    "input_prefix": _STR, "input_suffix": _STR,
+    "input_extra": _arr(_obj({"filename": _STR, "text": _STR}, ["text"]), maxItems=256),
+    "prompt": {"type": "string", "description": "the start of the middle, continued by the model"},
+    "n_predict": {"type": "integer", "description": "tokens to generate; unset or -1: the server's default"},
+    "stop": _STOP, "stream": _BOOL, "temperature": {"type": "number", "minimum": 0}, "top_k": _INT,
+    "top_p": _UNIT, "min_p": _UNIT, "seed": _INT},
+    description="Every native KoboldCpp sampler field is accepted too.")
+_RERANK_BODY = _obj({
+    "model": _STR, "query": {"type": "string", "minLength": 1},
+    "documents": _arr({"anyOf": [_STR, _obj({"text": _STR}, ["text"])]}, minItems=1, maxItems=1024),
+    "top_n": {"type": "integer", "minimum": 1}, "return_documents": _BOOL}, ["query", "documents"])
+
+_A_TEXT = _obj({"type": {"const": "text"}, "text": _STR}, ["type", "text"])
+_A_BLOCK = {"anyOf": [
+    _A_TEXT,
+    _obj({"type": {"const": "tool_use"}, "id": _STR, "name": {"type": "string", "minLength": 1},
+          "input": {"type": "object"}}, ["type", "id", "name"]),
+    _obj({"type": {"const": "tool_result"}, "tool_use_id": _STR,
+          "content": {"anyOf": [_STR, _arr(_A_TEXT)]}, "is_error": _BOOL}, ["type", "tool_use_id"]),
+    _obj({"type": {"enum": ["thinking", "redacted_thinking"]}}, ["type"])]}
+_ANTHROPIC_BODY = _obj({
+    "model": _STR, "max_tokens": {"type": "integer", "minimum": 1, "description": "required; an upper bound (capped to "
+                                                                    "what the context leaves after the prompt)"},
+    "system": {"anyOf": [_STR, _arr(_A_TEXT)]},
+    "messages": _arr(_obj({"role": {"enum": ["user", "assistant"]},
+                           "content": {"anyOf": [_STR, _arr(_A_BLOCK)]}}, ["role", "content"]), minItems=1),
+    "tools": _arr(_obj({"name": {"type": "string", "minLength": 1}, "description": _STR,
+                        "input_schema": {"type": "object"}}, ["name"])),
+    "tool_choice": _obj({"type": {"enum": ["auto", "any", "tool", "none"]}, "name": _STR,
+                         "disable_parallel_tool_use": _BOOL}, ["type"]),
+    "stop_sequences": _arr(_STR, maxItems=256), "stream": _BOOL,
+    "temperature": {"type": "number", "minimum": 0, "maximum": 2}, "top_p": _UNIT, "top_k": _NN_INT,
+    "thinking": _obj({"type": {"enum": ["enabled", "disabled", "adaptive", "between_tools"]},
+                      "budget_tokens": {"type": "integer", "minimum": 1}}, ["type"]),
+    "output_config": _obj({"effort": {"enum": ["low", "medium", "high", "xhigh", "max"]},
+                           "format": _obj({"type": {"const": "json_schema"}, "schema": {"type": "object"}},
+                                          ["type", "schema"])}),
+    "metadata": {"type": "object"}}, ["max_tokens", "messages"])
+_ANTHROPIC_COUNT_BODY = {**_ANTHROPIC_BODY, "required": ["messages"]}
+_R_PART = _obj({"type": {"enum": ["input_text", "output_text", "text"]}, "text": _STR}, ["type", "text"])
+_R_ITEM = {"anyOf": [
+    _obj({"type": {"const": "message"}, "role": {"enum": ["user", "system", "developer", "assistant"]},
+          "content": {"anyOf": [_STR, _arr(_R_PART)]}}, ["role", "content"]),
+    _obj({"type": {"const": "function_call"}, "call_id": _STR, "name": {"type": "string", "minLength": 1},
+          "arguments": {"type": "string", "description": "JSON text"}}, ["type", "call_id", "name"]),
+    _obj({"type": {"const": "function_call_output"}, "call_id": _STR, "output": {"anyOf": [_STR, _arr(_R_PART)]}},
+         ["type", "call_id"]),
+    _obj({"type": {"const": "reasoning"}}, ["type"])]}
+_RESPONSES_BODY = _obj({
+    "model": _STR, "input": {"anyOf": [_STR, _arr(_R_ITEM, minItems=1)]}, "instructions": _STR,
+    "max_output_tokens": {"type": "integer", "minimum": 1, "description": "an upper bound (capped to what the "
+                                                                          "context leaves after the prompt)"},
+    "temperature": {"type": "number", "minimum": 0}, "top_p": _UNIT, "stream": _BOOL, "store": _BOOL,
+    "previous_response_id": _STR,
+    "tools": _arr(_obj({"type": {"const": "function"}, "name": {"type": "string", "minLength": 1},
+                        "description": _STR, "parameters": {"type": "object"}, "strict": _BOOL},
+                       ["type", "name"])),
+    "tool_choice": {"anyOf": [{"enum": ["none", "auto", "required"]},
+                              _obj({"type": {"const": "function"}, "name": _STR}, ["type", "name"])]},
+    "parallel_tool_calls": _BOOL, "metadata": {"type": "object"},
+    "text": _obj({"format": _obj({"type": {"enum": ["text", "json_object", "json_schema"]}, "name": _STR,
+                                  "schema": {"type": "object"}}, ["type"])}),
+    "reasoning": _obj({"effort": {"enum": ["none", "minimal", "low", "medium", "high", "xhigh"]},
+                       "summary": _NULLABLE_STR})}, ["input"])
 
 BODIES = {
+    "/v1/messages": _ANTHROPIC_BODY,
+    "/v1/messages/count_tokens": _ANTHROPIC_COUNT_BODY,
+    "/v1/responses": _RESPONSES_BODY,
+    "/responses": _RESPONSES_BODY,
+    "/v1/responses/input_tokens": _RESPONSES_BODY,
+    "/api/show": _OLLAMA_SHOW_BODY,
+    "/api/embed": _OLLAMA_EMBED_BODY,
+    "/api/embeddings": _OLLAMA_EMBEDDINGS_BODY,
+    "/infill": _INFILL_BODY,
+    "/v1/rerank": _RERANK_BODY,
     "/v1/chat/completions": _CHAT_BODY,
     "/v1/completions": _COMPLETION_BODY,
     "/v1/embeddings": _EMBEDDINGS_BODY,
@@ -350,6 +531,8 @@ BODIES["/v1/engines/{engine}/embeddings"] = BODIES["/api/extra/embeddings"] = BO
 BODIES["/api/extra/generate/stream"] = BODIES["/api/v1/generate"]
 BODIES["/api/extra/tokenize"] = BODIES["/api/extra/tokencount"]
 BODIES["/images/generations"] = BODIES["/v1/images/generations"]
+for _p in ("/rerank", "/v1/reranking", "/reranking"):
+    BODIES[_p] = BODIES["/v1/rerank"]
 
 # ---------------------------------------------------------------- 200 replies: path -> {media type: schema}
 
@@ -382,6 +565,7 @@ SCHEMAS["ChatCompletionChunk"] = _obj({
     "choices": _arr(_obj({
         "index": _NN_INT,
         "delta": _obj({"role": {"const": "assistant"}, "content": _NULLABLE_STR, "refusal": _NULLABLE_STR,
+                       "reasoning_content": _STR,
                        "tool_calls": _arr(_obj({"index": _NN_INT, "id": _STR, "type": {"const": "function"},
                                                 "function": _obj({"name": _STR, "arguments": _STR})},
                                                ["index"]))}),
@@ -395,7 +579,8 @@ SCHEMAS["TextCompletionChunk"] = _obj({
                           "logprobs": {"anyOf": [{"type": "null"}, _COMPLETION_LOGPROBS]}}, ["index", "text"])),
     "usage": {"anyOf": [{"type": "null"}, _USAGE]}}, ["id", "object", "created", "model", "choices"])
 SCHEMAS["KoboldStreamEvent"] = _sse(
-    _obj({"token": _STR, "finish_reason": {"enum": ["stop", "length", None]}}, ["token", "finish_reason"]),
+    _obj({"token": _STR, "finish_reason": {"enum": ["stop", "length", None]}, "reasoning_content": _STR},
+         ["token", "finish_reason"]),
     "event: message; the last event has finish_reason set", event="message")
 SCHEMAS["ChatCompletionEvent"] = _sse(_or_error(_ref("ChatCompletionChunk")),
                                       "with stream: true; data: [DONE] ends the stream", done=True)
@@ -428,6 +613,10 @@ REPLIES = {
     "/api/extra/preloadstory": {_JSON: {"type": "object", "description": "the story JSON, or {} when none"}},
     "/api/extra/embeddings": {_JSON: _ref("Embeddings")},
     "/ping": {_JSON: _ref("Health")},
+    "/health": {_JSON: _ref("HealthDetail")},
+    "/slots": {_JSON: _ref("Slots")},
+    "/props": {_JSON: _ref("Props")},
+    "/metrics": {"text/plain": {"type": "string", "description": "Prometheus text exposition format 0.0.4"}},
     "/": _HTML, "/klite": _HTML, "/api": _HTML,
     "/api/openapi.json": {_JSON: _ref("OpenAPIDocument")},
     "/v1/chat/completions": _CHAT_REPLY, "/chat/completions": _CHAT_REPLY,
@@ -440,7 +629,26 @@ REPLIES = {
     "/v1/edits": {_JSON: _ref("Edit")},
     "/v1/moderations": {_JSON: _ref("Moderation")},
     "/v1/images/generations": {_JSON: _ref("Images")}, "/images/generations": {_JSON: _ref("Images")},
-    "/api/tags": {_JSON: _ref("OllamaTags")}, "/api/ps": {_JSON: _ref("OllamaTags")},
+    "/api/tags": {_JSON: _ref("OllamaTags")}, "/api/ps": {_JSON: _ref("OllamaPs")},
+    "/api/show": {_JSON: _ref("OllamaShow")}, "/api/embed": {_JSON: _ref("OllamaEmbed")},
+    "/api/embeddings": {_JSON: _ref("OllamaEmbedding")},
+    "/infill": {_JSON: _ref("Infill"), "text/event-stream": _sse(
+        _obj({"content": _STR, "stop": _BOOL}, ["content", "stop"]),
+        "with stream: true; the last event has stop: true")},
+    **{p: {_JSON: _ref("Rerank")} for p in ("/v1/rerank", "/rerank", "/v1/reranking", "/reranking")},
+    "/v1/messages": {_JSON: _ref("AnthropicMessage"), "text/event-stream": _sse(
+        {"type": "object", "required": ["type"], "properties": {"type": {"enum": [
+            "message_start", "content_block_start", "content_block_delta", "content_block_stop", "message_delta",
+            "message_stop", "ping", "error"]}}},
+        "with stream: true; `event:` names the data's type", event=None)},
+    "/v1/messages/count_tokens": {_JSON: _ref("AnthropicTokenCount")},
+    **{p: {_JSON: _ref("Response"), "text/event-stream": _sse(
+        {"type": "object", "required": ["type", "sequence_number"],
+         "properties": {"type": _STR, "sequence_number": _NN_INT}},
+        "with stream: true; response.created ... response.completed (or response.incomplete)")}
+       for p in ("/v1/responses", "/responses")},
+    "/v1/responses/input_tokens": {_JSON: _ref("ResponseInputTokens")},
+    "/v1/responses/{response_id}": {_JSON: {"anyOf": [_ref("Response"), _ref("ResponseDeleted")]}},
     "/api/version": {_JSON: _ref("OllamaVersion")},
     "/api/generate": {_JSON: dict(_ref("OllamaGenerate"), description="with stream: false"),
                       "application/x-ndjson": _NDJSON},
@@ -451,12 +659,16 @@ REPLIES = {
 # routes that queue a generation: 503 when the queue is full
 _GENERATING = {"/api/v1/generate", "/api/extra/generate/stream", "/v1/chat/completions", "/chat/completions",
                "/v1/completions", "/v1/completion", "/completions", "/v1/engines/{engine}/generate",
-               "/v1/engines/{engine}/completions", "/v1/edits", "/api/generate", "/api/chat"}
-_ERROR_SCHEMA = {"openai": "OpenAIError", "ollama": "OllamaError", "kobold": "KoboldError"}
+               "/v1/engines/{engine}/completions", "/v1/edits", "/api/generate", "/api/chat", "/infill",
+               "/v1/messages", "/v1/responses", "/responses"}
+_NEEDS_MODEL = {"/v1/rerank", "/rerank", "/v1/reranking", "/reranking"}  # 501 without --rerankmodel
+_ERROR_SCHEMA = {"openai": "OpenAIError", "ollama": "OllamaError", "kobold": "KoboldError",
+                 "anthropic": "AnthropicError"}
 _ERROR_TEXT = {400: "invalid body or parameter", 401: "missing or wrong API key (--password)",
                404: "no such route", 405: "method not allowed on this path (the Allow header lists the right ones)",
                413: "body larger than --maxrequestsize", 501: "not configured", 502: "the upstream server failed",
-               503: "the request queue is full; retry later"}
+               503: "the request queue is full, or (/health, /slots with fail_on_no_slot) no slot is idle; retry "
+                    "later"}
 
 
 def _error(status: int, dialect: str) -> dict:
@@ -487,10 +699,10 @@ def build(routes: Iterable[Tuple[str, str, bool, str]], version: str, title: str
         # an id in the path is echoed nowhere: any model/engine name answers with the loaded model
         params = [{"name": n, "in": "path", "required": True,
                    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_:-][A-Za-z0-9._:-]*$"}}
-                  for n in ("model", "engine") if "{" + n + "}" in path]
+                  for n in ("model", "engine", "response_id") if "{" + n + "}" in path]
         if params:
             op["parameters"] = params
-        codes = [404, 405]
+        codes = [404, 405]  # (GET /v1/responses/{id}: an unknown id is a 404 too)
         if method in ("POST", "PUT", "PATCH"):
             body = BODIES.get(path, {"type": "object"})
             # no body reads as {}: only a body with required fields must be sent
@@ -499,16 +711,23 @@ def build(routes: Iterable[Tuple[str, str, bool, str]], version: str, title: str
         if auth:
             op["security"] = [{"bearer": []}]
             codes.append(401)
-        if path in _GENERATING:
+        if path in _GENERATING or path in ("/health", "/slots"):
             codes.append(503)
         if "images/generations" in path:
             codes += [501, 502]
+        if path in _NEEDS_MODEL:
+            codes.append(501)
         for c in sorted(codes):
             op["responses"][str(c)] = _error(c, dialect)
+        if path in ("/health", "/slots"):  # llama-server's unavailable shape, not the dialect's error
+            op["responses"]["503"] = {"description": "loading, or no idle slot with fail_on_no_slot",
+                                      "content": {_JSON: {"schema": _ref("Unavailable")}}}
         paths.setdefault(path, {})[method.lower()] = op
     return copy.deepcopy({"openapi": "3.1.0",
             "info": {"title": title, "version": version,
-                     "description": "KoboldCpp native API, an OpenAI-compatible API under /v1 and Ollama routes."},
+                     "description": "KoboldCpp native API, an OpenAI-compatible API under /v1 (Chat Completions and "
+                                    "Responses), Anthropic Messages, Ollama routes, fill-in-the-middle and "
+                                    "reranking."},
             "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
                            "schemas": SCHEMAS, "responses": _error_responses()},
             "paths": paths})  # callers get no references into the module's tables

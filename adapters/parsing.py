@@ -306,7 +306,7 @@ class OutputParser:
         self.call_name: Optional[str] = None
         self.call_args: List[str] = []
         self.call_announced = False
-        self.section_calls = 0
+        self._cur_id = ""
 
     # public
     def feed(self, text: str) -> Delta:
@@ -417,7 +417,7 @@ class OutputParser:
             return  # wait for more text to decide
         self.call_start = self.pos
         self.pos = rest_start + (end if consumes else start)
-        self.state, self.phase, self.section_calls = "section", "open", 0
+        self.state, self.phase = "section", "open"
 
     def _malformed(self, d: Delta):
         """The text from the current call's start is not a call after all: it is content, and so is the rest."""
@@ -471,7 +471,7 @@ class OutputParser:
                 end = self.scan.feed(body)
                 if self.scan.mode == "object" and self.scan.name is not None:
                     self.call_name = self.scan.name
-                self._emit_call_piece(d, done=False)
+                self._emit_call_piece(d)
                 if end < 0:
                     if final:
                         if self.scan.mode == "args" and self.scan.started and not fmt.close \
@@ -509,7 +509,9 @@ class OutputParser:
         self.state, self.phase, self.scan = "content", "", None
         self.origin = self.pos
 
-    def _emit_call_piece(self, d: Delta, done: bool):
+    def _emit_call_piece(self, d: Delta):
+        """Send what is new of the current call: its id and name once the name is known, then argument text (held
+        until then when the arguments come before the name)."""
         piece = self.scan.take_args()
         if self.call_name is None:
             self.call_args.append(piece)
@@ -527,7 +529,7 @@ class OutputParser:
     def _finish_call(self, d: Delta):
         if self.call_name is None:
             raise _Fail()
-        self._emit_call_piece(d, done=True)
+        self._emit_call_piece(d)
         args = "".join(self.call_args)
         decoded = self.scan.final_args()
         if decoded is not None:  # arguments came as a JSON string: sent once, decoded
@@ -538,7 +540,6 @@ class OutputParser:
             d.calls.append(CallDelta(self.calls_index, arguments=args))
         self.message.tool_calls.append(ToolCall(self._cur_id, self.call_name, args))
         self.calls_index += 1
-        self.section_calls += 1
         self.scan, self.call_name, self.call_args, self.call_announced = None, None, [], False
 
     # ---- gpt-oss Harmony: <|channel|>NAME[ to=functions.X][ <|constrain|>json]<|message|>BODY<|end|> ...

@@ -3,7 +3,7 @@ checking for a vanished client at one interval, and abort the job whenever the f
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 from gguf_loader.jobs import Event, GenRequest, InvalidRequest, Job, QueueFull, Result
 
@@ -17,10 +17,20 @@ class ClientGone(Exception):
 
 
 class JobRunner:
-    def __init__(self, engine, is_gone: Callable[[], bool] = lambda: False, poll: float = POLL_S):
+    """`on_wait(job)` is called at every poll while a followed job sends nothing (queued, or processing its
+    prompt): the HTTP layer writes keep-alive lines and prompt progress from it."""
+
+    def __init__(self, engine, is_gone: Callable[[], bool] = lambda: False, poll: float = POLL_S,
+                 on_wait: Optional[Callable[[Job], None]] = None):
         self.engine = engine
         self.is_gone = is_gone
         self.poll = poll
+        self.on_wait = on_wait
+
+    def progress(self, job: Job) -> Optional[dict]:
+        """The job's prompt progress ({total, cache, processed, time_ms}), None while it is queued."""
+        fn = getattr(self.engine, "job_progress", None)
+        return fn(job) if fn else None
 
     def submit(self, req: GenRequest, wait_s: float = 0.0) -> Job:
         """Queue a job. A full queue is a 503 (retried for `wait_s` seconds: later choices of one request); a request
@@ -46,6 +56,8 @@ class JobRunner:
                     yield ev
                     if ev.kind == "done":
                         return
+                elif self.on_wait is not None:
+                    self.on_wait(job)
                 now = time.monotonic()
                 if now - last >= self.poll:
                     last = now

@@ -21,3 +21,13 @@ def event(data, name: str | None = None) -> bytes:
 def comment(text: str = "") -> bytes:
     """An SSE comment line; clients ignore it (keep-alive ping)."""
     return f": {text}\n\n".encode("utf-8")
+
+
+KEEPALIVE = b": keep-alive\n\n"
+
+
+def progress_event(progress: dict, envelope: dict | None = None, name: str | None = None) -> bytes:
+    """llama-server's `return_progress`: a chunk carrying `prompt_progress` {total, cache, processed, time_ms}.
+    With an OpenAI envelope (id, object, created, model) it is a chunk with no choices; else a named event."""
+    body = {**envelope, "choices": [], "prompt_progress": progress} if envelope else {"prompt_progress": progress}
+    return event(body, name)

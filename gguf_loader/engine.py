@@ -4,26 +4,34 @@ HTTP threads `submit()` a GenRequest and read Events from the returned Job. The 
 each step puts the next token of every generating slot and a chunk of any pending prompt into one llama_batch and
 decodes it once (continuous batching). A new job takes the idle slot whose cached tokens share the longest prefix
 with its prompt, so only the new suffix is decoded (FastForward).
+
+With a projector (--mmproj), a prompt may hold images/audio. Each one stands in the token lists as a run of
+negative stand-in ids derived from a hash of its bytes (_pseudo), so FastForward and ContextShift compare them like
+tokens and an identical image is a cached prefix. Media are encoded by the projector on its own thread while the
+other slots keep generating; the embeddings are then decoded into the job's own sequence. No cut (trimming,
+FastForward, ContextShift) ever falls inside an image: cuts snap to its first stand-in id (_snap).
 """
 from __future__ import annotations
 
 import ctypes
 import functools
 import os
+import queue
 import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
 import llama_cpp as L
 
 from . import grammar as gbnf
-from .jobs import (Event, GenRequest, InvalidRequest, Job, QueueFull, Result, TokenLogprob,  # noqa: F401 (re-exported)
-                   token_budget)
-from .sampling import SamplerChain
+from .jobs import (MEDIA_MARKER, Event, GenRequest, InvalidRequest, Job, QueueFull, Result,  # noqa: F401
+                   TokenLogprob, token_budget)
+from .mtmd import MediaChunk, Projector, ProjectorError  # noqa: F401 (re-exported)
+from .sampling import GrammarDone, SamplerChain
 from .textstream import TextStream
 
 
@@ -47,10 +55,37 @@ class EngineConfig:
     contextshift: bool = True
     quiet: bool = False
     embedding_model_path: Optional[str] = None
+    rerank_model_path: Optional[str] = None  # a reranker GGUF (rank pooling) for /v1/rerank
+    mmproj_path: Optional[str] = None  # vision/audio projector (llama.cpp mtmd)
+    on_load_progress: Optional[Callable[[float], bool]] = None  # 0..1 while loading; False cancels the load
     smartcache: int = 0  # conversations kept in host memory when their slot is taken over (0: off)
     smartcache_mb: int = 1024  # and at most this many MiB of them
     fast_first_token: bool = False  # decode the last prompt token with the prompt (faster, not reproducible)
     prompt_lookup: int = 0  # > 0: draft this many tokens from earlier context for greedy requests (speculative)
+
+
+_MEDIA_BITS = 20  # stand-in ids: -(1 + (ident << 20) + i) for token i of a media chunk
+
+
+def _pseudo(chunk: MediaChunk) -> List[int]:
+    base = 1 + (chunk.ident << _MEDIA_BITS)
+    return [-(base + i) for i in range(chunk.n_tokens)]
+
+
+def _media_index(t: int) -> int:
+    """Index of a stand-in id inside its media chunk (-1 for a real token)."""
+    return (-t - 1) & ((1 << _MEDIA_BITS) - 1) if t < 0 else -1
+
+
+def _snap(seq: List[int], k: int) -> int:
+    """Move a cut at k back to the start of the media chunk it would split."""
+    if 0 <= k < len(seq) and seq[k] < 0:
+        k -= _media_index(seq[k])
+    return max(k, 0)
+
+
+def _media_ident(t: int) -> int:
+    return (-t - 1) >> _MEDIA_BITS
 
 
 _backend_lock = threading.Lock()
@@ -77,8 +112,17 @@ def _init_backend():
         _backend_ready = True
 
 
-def _load_model(path: str, n_gpu_layers: int, use_mmap: bool, use_mlock: bool):
+def _load_model(path: str, n_gpu_layers: int, use_mmap: bool, use_mlock: bool, on_progress=None):
     mp = L.llama_model_default_params()
+    cb = None
+    if on_progress is not None:
+        def cb_fn(progress, user):
+            try:
+                return bool(on_progress(float(progress)))
+            except Exception:
+                return True
+        cb = L.llama_progress_callback(cb_fn)  # kept referenced until the load returns
+        mp.progress_callback = cb
     mp.n_gpu_layers = 999 if n_gpu_layers < 0 else n_gpu_layers
     mp.use_mmap = use_mmap
     mp.use_mlock = use_mlock
@@ -86,6 +130,7 @@ def _load_model(path: str, n_gpu_layers: int, use_mmap: bool, use_mlock: bool):
     # neighbour slot changed sampled text) and halved prompt speed (352 vs 686 tok/s); decode speed is equal.
     mp.use_extra_bufts = bool(os.environ.get('KCPP_REPACK'))
     model = L.llama_model_load_from_file(path.encode("utf-8"), mp)
+    del cb
     if not model:
         raise ModelLoadError(f"llama.cpp could not load the model {path}")
     return model
@@ -173,6 +218,7 @@ class _Slot:
     def __init__(self, seq_id: int):
         self.seq = seq_id
         self.cache: List[int] = []  # tokens whose K/V sit in this sequence
+        self.pos_gap = 0  # M-RoPE: cache entries minus positions used (media take fewer positions than embeddings)
         self.shifted_at: Optional[int] = None  # cache entries from here on were moved by ContextShift
         self.job: Optional[Job] = None
         self.last_used = 0.0
@@ -191,6 +237,10 @@ class _Slot:
         self.t_start = 0.0
         self.t_first = 0.0
         self.cached = 0
+        self.media: Dict[int, MediaChunk] = {}  # prompt index -> the media chunk starting there
+        self.embd: Dict[int, object] = {}  # prompt index -> encoded embeddings (numpy), or an Exception
+        self.cur_media = None  # (start, chunk, embeddings) of a causal media chunk decoded n_batch at a time
+        self.encode_time = 0.0
         self.bans: Dict[int, set] = {}  # generated position -> tokens banned there (phrase bans)
         self.backtracks = 0
         self.donor: Optional["_Slot"] = None  # a slot whose prefill this one waits for, to copy its cache
@@ -207,6 +257,14 @@ class _Slot:
     def prefilling(self) -> bool:
         """Prompt tokens before the last one still to decode (the last is decoded with the generated ones)."""
         return self.job is not None and self.donor is None and self.n_prompt_done < len(self.prompt) - 1
+
+    @property
+    def ready(self) -> bool:
+        """Prefilling and not waiting for the projector to encode the media chunk that comes next."""
+        if not self.prefilling:
+            return False
+        i = self.n_prompt_done
+        return self.cur_media is not None or i not in self.media or i in self.embd
 
 
 @dataclass
@@ -232,7 +290,7 @@ class Engine:
         self.model_path = cfg.model_path
         self.model_name = os.path.splitext(os.path.basename(cfg.model_path))[0]
         t0 = time.monotonic()
-        self.model = _load_model(cfg.model_path, cfg.n_gpu_layers, cfg.use_mmap, cfg.use_mlock)
+        self.model = _load_model(cfg.model_path, cfg.n_gpu_layers, cfg.use_mmap, cfg.use_mlock, cfg.on_load_progress)
         self.load_time = time.monotonic() - t0
         self.tok = _Vocab(self.model)
         self.vocab = self.tok.vocab
@@ -267,6 +325,20 @@ class Engine:
                   flush=True)
         self.batch = L.llama_batch_init(max(self.n_batch, self.n_slots), 0, 1)
 
+        self.projector: Optional[Projector] = None
+        if cfg.mmproj_path:
+            try:
+                self.projector = Projector(cfg.mmproj_path, self.model, cfg.n_threads, cfg.n_gpu_layers != 0, _LOG_CB)
+            except ProjectorError:
+                L.llama_batch_free(self.batch)
+                L.llama_free(self.ctx)
+                L.llama_model_free(self.model)
+                raise
+        self._encode_q: "queue.Queue" = queue.Queue()
+        self._embd_cache: Dict[str, object] = {}  # media key -> embeddings, most recent last (a few)
+        self._pos_gaps: Dict[int, int] = {}  # M-RoPE: media ident -> embeddings minus positions it takes
+        self._embd_batch = None  # llama_batch of embeddings for causal media pieces (made on first use)
+
         self.slots = [_Slot(i) for i in range(self.n_slots)]
         self._lock = threading.Condition()
         self._waiting: List[Job] = []
@@ -276,10 +348,18 @@ class Engine:
         self._embed_ctx = None
         self._embed_model = None
         self._embed_vocab = None
+        self._rank_lock = threading.Lock()
+        self._rank_ctx = None
+        self._rank_model = None
+        self._rank_vocab = None
 
         self.started_at = time.time()
         self.idle_since = time.time()
         self.total_gens = 0
+        self.total_prompt_tokens = 0  # decoded (not cached) prompt tokens, all jobs
+        self.total_generated_tokens = 0
+        self.total_prompt_time = 0.0
+        self.total_eval_time = 0.0
         self.last_result: Optional[Result] = None
         self.last_genkey = ""
         # tokens decoded from prompts, copied between slots, restored from the SmartCache (tests and /perf)
@@ -288,6 +368,18 @@ class Engine:
         self._saved: List[_Saved] = []  # SmartCache, engine thread only
 
         self._thread = gbnf.start_thread(self._loop, "engine")  # llama.cpp's grammar matching recurses
+        self._encoder = None
+        if self.projector:
+            self._encoder = threading.Thread(target=self._encode_loop, name="mtmd-encoder", daemon=True)
+            self._encoder.start()
+
+    @property
+    def vision(self) -> bool:
+        return bool(self.projector and self.projector.vision)
+
+    @property
+    def audio(self) -> bool:
+        return bool(self.projector and self.projector.audio)
 
     # ---------- public API (any thread) ----------
 
@@ -314,6 +406,15 @@ class Engine:
             raise InvalidRequest("the beam width must be between 1 and 32")
         if req.sampling.grammar:
             self.check_grammar(req.sampling.grammar)
+        if req.media:
+            if not self.projector:
+                raise InvalidRequest(f"the request has {len(req.media)} image(s)/audio clip(s), but no projector is "
+                                     f"loaded (start with --mmproj FILE)")
+            if isinstance(req.prompt, list):
+                raise InvalidRequest("images/audio need a text prompt, not token ids")
+            n = req.memory.count(MEDIA_MARKER) + req.prompt.count(MEDIA_MARKER)
+            if n != len(req.media):
+                raise InvalidRequest(f"the prompt has {n} media marker(s) for {len(req.media)} image(s)/audio clip(s)")
 
     def check_grammar(self, text: str):
         try:
@@ -338,6 +439,15 @@ class Engine:
         """Queue a generation. Raises InvalidRequest or QueueFull; never blocks."""
         self.validate(req)
         job = Job(req)
+        if req.media:
+            # image preprocessing runs here, on the caller's thread, not on the engine's
+            pieces = [self.projector.tokenize(m, req.tokenize_special) for m in req.media]
+            for p in pieces:
+                for c in p:
+                    if isinstance(c, MediaChunk) and c.n_tokens > self.n_batch and self.projector.non_causal(c):
+                        raise InvalidRequest(f"an image needs {c.n_tokens} tokens, more than the batch size "
+                                             f"({self.n_batch}); start with --batchsize {c.n_tokens} or more")
+            job.media_pieces = pieces
         with self._lock:
             if self._stop:
                 raise QueueFull("the engine is shutting down")
@@ -370,6 +480,8 @@ class Engine:
         return {
             "last_prompt_tokens": r.prompt_tokens if r else 0,
             "last_cached_tokens": r.cached_tokens if r else 0,
+            "last_media_tokens": r.media_tokens if r else 0,
+            "last_encode_time": r.encode_time if r else 0.0,
             "last_completion_tokens": r.completion_tokens if r else 0,
             "last_process_time": r.process_time if r else 0.0,
             "last_eval_time": r.eval_time if r else 0.0,
@@ -382,6 +494,44 @@ class Engine:
             "idletime": round(now - self.idle_since, 2) if idle else 0,
         }
 
+    def slots_info(self) -> List[dict]:
+        """Each slot's state, read without stopping the engine thread (values may be one step old)."""
+        out = []
+        for s in self.slots:
+            job = s.job
+            info = {"id": s.seq, "busy": job is not None, "job_id": job.id if job else -1, "n_cached": len(s.cache),
+                    "progress": None}
+            if job is not None:
+                info["progress"] = self._progress_of(s)
+                info["n_decoded"] = len(s.generated)
+                info["n_remain"] = max(0, s.max_new - len(s.generated))
+            out.append(info)
+        return out
+
+    @staticmethod
+    def _progress_of(s: "_Slot") -> dict:
+        total, done = len(s.prompt), s.n_prompt_done
+        return {"total": total, "cache": s.cached, "processed": min(done, total),
+                "time_ms": round((time.monotonic() - s.t_start) * 1000, 1) if s.t_start else 0.0}
+
+    def job_progress(self, job: Job) -> Optional[dict]:
+        """Prompt progress of a running job ({total, cache, processed, time_ms}); None while it waits."""
+        for s in self.slots:
+            if s.job is job:
+                return self._progress_of(s)
+        return None
+
+    def counters(self) -> dict:
+        """Totals since start, for /metrics."""
+        with self._lock:
+            busy = len(self._running)
+            q = len(self._waiting)
+        return {"prompt_tokens": self.total_prompt_tokens, "generated_tokens": self.total_generated_tokens,
+                "prompt_seconds": self.total_prompt_time, "eval_seconds": self.total_eval_time,
+                "gens": self.total_gens, "queue": q, "busy_slots": busy, "slots": self.n_slots,
+                "kv_cells_used": sum(len(s.cache) for s in self.slots), "kv_cells_total": self.n_ctx * self.n_slots,
+                "load_seconds": self.load_time}
+
     def close(self):
         with self._lock:
             self._stop = True
@@ -391,6 +541,17 @@ class Engine:
         self._thread.join(timeout=30)
         if self._thread.is_alive():
             return  # the engine thread is stuck in llama.cpp; leave the memory to the OS
+        if self._encoder:
+            self._encode_q.put(None)
+            self._encoder.join(timeout=30)
+            if self._encoder.is_alive():
+                return
+        for s in self.slots:
+            s.media, s.embd = {}, {}
+        if self.projector:
+            self.projector.close()
+        if self._embd_batch is not None:
+            L.llama_batch_free(self._embd_batch)
         for s in self.slots:
             if s.sampler:
                 s.sampler.close()
@@ -404,6 +565,13 @@ class Engine:
             if self._embed_model:
                 L.llama_model_free(self._embed_model)
                 self._embed_model = None
+        with self._rank_lock:
+            if self._rank_ctx:
+                L.llama_free(self._rank_ctx)
+                self._rank_ctx = None
+            if self._rank_model:
+                L.llama_model_free(self._rank_model)
+                self._rank_model = None
 
     # ---------- embeddings (own context, caller's thread) ----------
 
@@ -485,6 +653,132 @@ class Engine:
                 L.llama_batch_free(batch)
         return out
 
+    # ---------- facts about the loaded model (Ollama's /api/show and /api/ps) ----------
+
+    def model_facts(self) -> dict:
+        """Parameter count, weight bytes, the KV cache's bytes (f16, every slot), layers and offloaded layers."""
+        buf = ctypes.create_string_buffer(256)
+        L.llama_model_desc(self.model, buf, len(buf))
+        arch = self.metadata.get("general.architecture", "")
+        n_layer = L.llama_model_n_layer(self.model)
+        n_head = max(1, L.llama_model_n_head(self.model))
+        n_head_kv = L.llama_model_n_head_kv(self.model) or n_head
+
+        def meta_int(key, default):
+            try:
+                return int(self.metadata.get(key, default))
+            except ValueError:
+                return default
+        k_len = meta_int(f"{arch}.attention.key_length", L.llama_model_n_embd(self.model) // n_head)
+        v_len = meta_int(f"{arch}.attention.value_length", k_len)
+        gpu = 0
+        if self.cfg.n_gpu_layers and L.llama_supports_gpu_offload():
+            gpu = n_layer if self.cfg.n_gpu_layers < 0 else min(self.cfg.n_gpu_layers, n_layer)
+        return {"desc": buf.value.decode("utf-8", "replace"), "n_params": int(L.llama_model_n_params(self.model)),
+                "weights_bytes": int(L.llama_model_size(self.model)),
+                "kv_bytes": self.n_ctx * self.n_slots * n_layer * n_head_kv * (k_len + v_len) * 2,
+                "n_layer": n_layer, "gpu_layers": gpu}
+
+    # ---------- fill-in-the-middle tokens ----------
+
+    def fim_tokens(self) -> Dict[str, int]:
+        """The vocabulary's FIM special tokens, name -> id; a name the model lacks is absent."""
+        out = {}
+        for name in ("pre", "suf", "mid", "pad", "rep", "sep"):
+            t = getattr(L, f"llama_vocab_fim_{name}")(self.vocab)
+            if 0 <= t < self.n_vocab:
+                out[name] = int(t)
+        return out
+
+    # ---------- reranking (own model and context, caller's thread) ----------
+
+    @property
+    def rerank_model_name(self) -> Optional[str]:
+        p = self.cfg.rerank_model_path
+        return os.path.splitext(os.path.basename(p))[0] if p else None
+
+    def _ensure_rank_ctx(self):
+        if self._rank_ctx:
+            return
+        if not self.cfg.rerank_model_path:
+            raise ModelLoadError("no reranking model is loaded (start with --rerankmodel FILE)")
+        model = _load_model(self.cfg.rerank_model_path, self.cfg.n_gpu_layers, self.cfg.use_mmap, False)
+        meta = _meta(model)
+        if meta.get(meta.get("general.architecture", "") + ".pooling_type") != str(L.LLAMA_POOLING_TYPE_RANK):
+            L.llama_model_free(model)
+            raise ModelLoadError(f"{self.cfg.rerank_model_path} is not a reranker: its GGUF does not declare rank "
+                                 f"pooling (use a reranker such as bge-reranker-v2-m3 or Qwen3-Reranker)")
+        n_train = L.llama_model_n_ctx_train(model)
+        cp = L.llama_context_default_params()
+        cp.n_ctx = min(self.n_ctx, n_train) if n_train > 0 else self.n_ctx
+        cp.n_batch = cp.n_ctx
+        cp.n_ubatch = cp.n_ctx
+        cp.n_seq_max = 1
+        cp.n_threads = self.cfg.n_threads
+        cp.n_threads_batch = self.cfg.n_threads
+        cp.embeddings = True
+        cp.pooling_type = L.LLAMA_POOLING_TYPE_RANK
+        cp.no_perf = True
+        ctx = L.llama_init_from_model(model, cp)
+        if not ctx:
+            L.llama_model_free(model)
+            raise ModelLoadError("llama.cpp could not create a reranking context")
+        self._rank_model, self._rank_ctx = model, ctx
+        self._rank_vocab = _Vocab(model)
+        self._rank_nctx = cp.n_ctx
+        self._rank_nout = max(1, L.llama_model_n_cls_out(model))
+        self._rank_template = meta.get("tokenizer.chat_template.rerank")
+
+    def load_reranker(self):
+        """Load the --rerankmodel now (start-up), so a bad file is reported before the server answers."""
+        with self._rank_lock:
+            self._ensure_rank_ctx()
+
+    def _rank_tokens(self, query: str, doc: str) -> List[int]:
+        """The reranker's input for one pair: its own rerank template when the GGUF carries one, else
+        [BOS] query [EOS] [SEP] document [EOS] (tokens the vocabulary lacks are left out), as llama-server."""
+        v = self._rank_vocab
+        if self._rank_template:
+            text = self._rank_template.replace("{query}", query).replace("{document}", doc)
+            return v.tokenize(text, add_bos=bool(L.llama_vocab_get_add_bos(v.vocab)), special=True)
+        bos, eos, sep = (L.llama_vocab_bos(v.vocab), L.llama_vocab_eos(v.vocab), L.llama_vocab_sep(v.vocab))
+        out = [t for t in (bos,) if t >= 0]
+        out += v.tokenize(query, add_bos=False, special=False)
+        out += [t for t in (eos, sep) if t >= 0]
+        out += v.tokenize(doc, add_bos=False, special=False)
+        out += [t for t in (eos,) if t >= 0]
+        return out
+
+    def rerank(self, query: str, documents: List[str]) -> tuple:
+        """-> (one relevance score per document, tokens read). Pairs longer than the context are cut at the end."""
+        scores, n_tok = [], 0
+        with self._rank_lock:
+            self._ensure_rank_ctx()
+            ctx = self._rank_ctx
+            mem = L.llama_get_memory(ctx)
+            batch = L.llama_batch_init(self._rank_nctx, 0, 1)
+            try:
+                for doc in documents:
+                    toks = self._rank_tokens(query, doc)[: self._rank_nctx] or [0]
+                    n_tok += len(toks)
+                    L.llama_memory_clear(mem, True)
+                    batch.n_tokens = len(toks)
+                    for i, t in enumerate(toks):
+                        batch.token[i] = int(t)
+                        batch.pos[i] = i
+                        batch.n_seq_id[i] = 1
+                        batch.seq_id[i][0] = 0
+                        batch.logits[i] = 1
+                    if L.llama_decode(ctx, batch) != 0:
+                        raise RuntimeError("llama.cpp failed to score a document")
+                    ptr = L.llama_get_embeddings_seq(ctx, 0)
+                    if not ptr:
+                        raise RuntimeError("the reranking model gave no score (is it a reranker?)")
+                    scores.append(float(ptr[0]))
+            finally:
+                L.llama_batch_free(batch)
+        return scores, n_tok
+
     # ---------- engine thread ----------
 
     def _loop(self):
@@ -499,7 +793,10 @@ class Engine:
                     return
                 self._assign_waiting()
             try:
-                self._step()
+                if not self._step():
+                    with self._lock:  # every job waits for the projector: sleep until it hands something over
+                        if not self._stop:
+                            self._lock.wait(0.05)
             except Exception as e:  # a failed step ends the jobs in it, never the engine
                 import traceback
                 traceback.print_exc()
@@ -522,8 +819,9 @@ class Engine:
             if job.aborted.is_set():
                 job.finish(self._result_for_unstarted(job))
                 continue
+            chunks: Dict[int, MediaChunk] = {}
             try:
-                prompt = self._build_prompt(job.request)
+                prompt = self._build_prompt(job.request, job.media_pieces, chunks)
                 _, max_new = self.budget(job.request)
             except Exception as e:
                 job.finish(Result(text="", finish_reason="stop", stop_reason=-1, prompt_tokens=0,
@@ -532,7 +830,7 @@ class Engine:
             slot = max(free, key=lambda s: (self._common_prefix(s.cache, prompt), -s.last_used))
             self._running.append(job)
             try:
-                self._start(slot, job, prompt, max_new)
+                self._start(slot, job, prompt, max_new, chunks)
                 if job.request.beams:
                     self._start_beams(slot, [s for s in free if s is not slot][:job.request.beams - 1])
             except Exception as e:
@@ -540,6 +838,12 @@ class Engine:
                 slot.job = None
                 job.finish(Result(text="", finish_reason="stop", stop_reason=-1, prompt_tokens=len(prompt),
                                   completion_tokens=0, error=str(e)))
+
+    def _gap(self, seq: List[int], k: int) -> int:
+        """M-RoPE: entries minus positions of the media chunks in seq[:k] (0 for every other model)."""
+        if not self._pos_gaps:
+            return 0
+        return sum(self._pos_gaps.get(_media_ident(t), 0) for t in seq[:k] if t < 0 and _media_index(t) == 0)
 
     @staticmethod
     def _common_prefix(a: List[int], b: List[int]) -> int:
@@ -555,11 +859,51 @@ class Engine:
         """(context, tokens to generate) for a request: jobs.token_budget on this engine's context."""
         return token_budget(self.n_ctx, req.max_context_length, req.max_length)
 
-    def _build_prompt(self, req: GenRequest) -> List[int]:
+    def _tokenize_media(self, text: str, pieces, special: bool, chunks: Dict[int, MediaChunk]) -> List[int]:
+        """Text with media markers -> tokens with each media item's pieces (stand-in ids for its chunk)."""
+        out: List[int] = []
+        parts = text.split(MEDIA_MARKER)
+        for i, part in enumerate(parts):
+            if part:
+                out += self.tokenize(part, add_bos=False, special=special)
+            if i < len(parts) - 1:
+                for piece in next(pieces):
+                    if isinstance(piece, MediaChunk):
+                        chunks[piece.ident] = piece
+                        if piece.n_pos != piece.n_tokens and len(self._pos_gaps) < 100_000:
+                            self._pos_gaps[piece.ident] = piece.n_tokens - piece.n_pos
+                        out += _pseudo(piece)
+                    else:
+                        out += piece
+        return out
+
+    def _build_prompt(self, req: GenRequest, media_pieces=None, chunks: Optional[Dict[int, MediaChunk]] = None
+                      ) -> List[int]:
         """The prompt tokens, trimmed from the front to fit the budget, keeping BOS and memory; memory and prompt
-        are tokenized as one text when they fit."""
+        are tokenized as one text when they fit. Media chunks are never cut: a trim inside one drops all of it."""
         n_ctx, max_new = self.budget(req)
         special = req.tokenize_special
+        if req.media and media_pieces is not None:
+            add_bos = req.add_bos and L.llama_vocab_get_add_bos(self.vocab)
+            bos = [L.llama_vocab_bos(self.vocab)] if add_bos else []
+            it = iter(media_pieces)
+            mem = self._tokenize_media(req.memory, it, special, chunks) if req.memory else []
+            body = self._tokenize_media(req.prompt, it, special, chunks)
+            if body and body[-1] < 0:  # the last prompt token gives the first logits: it must be text
+                body += self.tokenize("\n", add_bos=False, special=False)
+            room = n_ctx - max_new - len(bos)
+            if len(mem) > room:
+                mem = mem[len(mem) - room:] if room > 0 else []
+                while mem and mem[0] < 0 and _media_index(mem[0]) > 0:
+                    mem.pop(0)
+            room -= len(mem)
+            if len(body) > room:
+                body = body[len(body) - room:] if room > 0 else []
+                k = 0
+                while k < len(body) and body[k] < 0 and _media_index(body[k]) > 0:
+                    k += 1
+                body = body[k:]
+            return (bos + mem + body) or [L.llama_vocab_bos(self.vocab)]
         if isinstance(req.prompt, list):  # ids were checked by validate()
             bos, mem, body = [], self.tokenize(req.memory, False, special) if req.memory else [], list(req.prompt)
         else:
@@ -582,7 +926,8 @@ class Engine:
             prompt = [L.llama_vocab_bos(self.vocab)]
         return prompt
 
-    def _start(self, slot: _Slot, job: Job, prompt: List[int], max_new: int):
+    def _start(self, slot: _Slot, job: Job, prompt: List[int], max_new: int,
+               chunks: Optional[Dict[int, MediaChunk]] = None):
         req = job.request
         slot.reset_job()
         slot.job = job
@@ -597,7 +942,8 @@ class Engine:
         keep = self._common_prefix(slot.cache, prompt) if self.cfg.fastforward else 0
         if keep >= len(prompt):
             keep = len(prompt) - 1  # re-decode the last prompt token to get fresh logits
-        if self.cfg.fastforward:
+        keep = _snap(prompt, keep)
+        if self.cfg.fastforward and not chunks:  # (prompts with media reuse only their own slot's cache)
             keep = self._borrow(slot, prompt, keep)
         if slot.donor is not None:  # the cache comes from another slot at the next step
             job.started.set()
@@ -607,23 +953,41 @@ class Engine:
         # reprocesses from the first moved entry, so it gets exactly a cold run's text (README, "Reproducible").
         at_edge = len(slot.cache) + len(prompt) - keep + max_new > self.budget(req)[0]  # the client's context
         shifted = keep
-        if self.cfg.fastforward and self.cfg.contextshift and self.can_shift:
-            shifted = self._context_shift(slot, prompt, keep)
+        if self.cfg.fastforward and self.cfg.contextshift and self.can_shift and not slot.pos_gap:
+            shifted = self._context_shift(slot, prompt, keep)  # (M-RoPE media positions are not shifted)
+        shifted = _snap(prompt, shifted)
         if shifted > keep:
             slot.shifted_at = keep if slot.shifted_at is None else min(keep, slot.shifted_at)
             keep = shifted
         elif slot.shifted_at is not None and keep > slot.shifted_at and not at_edge:
-            keep = slot.shifted_at
+            keep = _snap(prompt, slot.shifted_at)
         if keep < len(slot.cache):
             self._save(slot, keep)
-            if not L.llama_memory_seq_rm(self.mem, slot.seq, keep, -1):
+            gap = self._gap(slot.cache, keep)
+            if not L.llama_memory_seq_rm(self.mem, slot.seq, keep - gap, -1):
                 L.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
-                keep = 0
+                keep, gap = 0, 0
             del slot.cache[keep:]
+            slot.pos_gap = gap
         if slot.shifted_at is not None and slot.shifted_at >= len(slot.cache):
             slot.shifted_at = None
         slot.n_prompt_done = keep
         slot.cached = keep
+        if chunks:
+            i = keep
+            while i < len(prompt):
+                t = prompt[i]
+                if t < 0 and _media_index(t) == 0:
+                    c = chunks[_media_ident(t)]
+                    slot.media[i] = c
+                    hit = self._embd_cache.get(c.key)
+                    if hit is not None:
+                        slot.embd[i] = hit
+                    else:
+                        self._encode_q.put((slot, job, i, c))
+                    i += c.n_tokens
+                else:
+                    i += 1
         job.started.set()
 
     # ---------- prefixes held elsewhere: other slots (copied) and the SmartCache (restored) ----------
@@ -656,7 +1020,7 @@ class Engine:
             return keep
         self._save(slot, 0)
         L.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
-        slot.cache, slot.shifted_at = [], None
+        slot.cache, slot.shifted_at, slot.pos_gap = [], None, 0
         if entry is not None:
             return self._restore(slot, entry, best_n)
         slot.donor, slot.donor_job, slot.donate_n = best, best.job, best_n
@@ -675,8 +1039,8 @@ class Engine:
         if n >= self._MIN_BORROW:
             L.llama_memory_seq_rm(self.mem, s.seq, -1, -1)
             L.llama_memory_seq_cp(self.mem, d.seq, s.seq, -1, -1)  # whole sequences only across streams
-            L.llama_memory_seq_rm(self.mem, s.seq, n, -1)
-            s.cache = d.cache[:n]
+            L.llama_memory_seq_rm(self.mem, s.seq, n, -1)  # (the prefix holds no media: no position gap)
+            s.cache, s.pos_gap = d.cache[:n], 0
             self.counters["prompt_copied"] += n
         else:
             n = 0
@@ -684,7 +1048,8 @@ class Engine:
 
     def _save(self, slot: _Slot, keep: int):
         """Keep the slot's cache in host memory before it loses the tokens from `keep` on (SmartCache)."""
-        if not self.cfg.smartcache or len(slot.cache) - keep < self._MIN_SAVE or slot.shifted_at is not None:
+        if not self.cfg.smartcache or len(slot.cache) - keep < self._MIN_SAVE or slot.shifted_at is not None \
+                or slot.pos_gap or any(t < 0 for t in slot.cache):  # (media: not saved)
             return
         cap = self.cfg.smartcache_mb * 1024 * 1024
         size = L.llama_state_seq_get_size(self.ctx, slot.seq)
@@ -762,7 +1127,7 @@ class Engine:
                 self.counters["draft_accepted"] += 1
                 continue
             if base + i < len(s.cache):
-                L.llama_memory_seq_rm(self.mem, s.seq, base + i, -1)
+                L.llama_memory_seq_rm(self.mem, s.seq, base + i - s.pos_gap, -1)
                 del s.cache[base + i:]
             return
 
@@ -841,7 +1206,7 @@ class Engine:
                 slot = spare.pop()
                 L.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
                 L.llama_memory_seq_cp(self.mem, beam.slot.seq, slot.seq, -1, -1)  # done at the next decode
-                slot.cache = list(beam.slot.cache)
+                slot.cache, slot.pos_gap = list(beam.slot.cache), beam.slot.pos_gap
             beams.append(_Beam(slot, beam.tokens + [t], score, t))
         s.beams = beams
 
@@ -872,7 +1237,8 @@ class Engine:
         req = slot.job.request
         banned_now = (lambda: slot.bans.get(len(slot.generated))) if req.banned_phrases else None
         eog = self.eog_ids if req.sampling.ban_eos else []
-        return SamplerChain(self.vocab, self.n_vocab, self.n_ctx_train, eog, req.sampling, slot.prompt,
+        prompt = [t for t in slot.prompt if t >= 0] if slot.media or min(slot.prompt, default=0) < 0 else slot.prompt
+        return SamplerChain(self.vocab, self.n_vocab, self.n_ctx_train, eog, req.sampling, prompt,
                             slot.seed, banned_now, (lambda t: self.tok.piece(t, True), self.tok.spell))
 
     _MAX_BANS_PER_POSITION = 16
@@ -903,7 +1269,7 @@ class Engine:
             s.sampler.accept(t)
         seq = s.prompt + kept
         keep = len(seq) - 1  # re-decode the last kept token to get the logits for position k
-        L.llama_memory_seq_rm(self.mem, s.seq, keep, -1)
+        L.llama_memory_seq_rm(self.mem, s.seq, keep - s.pos_gap, -1)  # every media chunk is before keep
         del s.cache[keep:]
         s.pending = seq[-1]
         return True
@@ -920,7 +1286,7 @@ class Engine:
         first = np.flatnonzero(arr[keep:] == probe[0]) + keep
         for start in first:
             start = int(start)
-            if start == keep or cache[start:start + len(probe)] != probe:
+            if start == keep or cache[start:start + len(probe)] != probe or _snap(cache, start) != start:
                 continue
             run = self._common_prefix(cache[start:], tail)
             if run < 32:
@@ -935,7 +1301,7 @@ class Engine:
             return min(keep + run, len(prompt) - 1)
         return keep
 
-    def _step(self):
+    def _step(self) -> bool:
         """One decode of every generating slot's next token, then one prompt chunk of one slot.
 
         Rows of the same kind are never mixed (llama.cpp's CPU kernels compute a row slightly differently depending
@@ -962,7 +1328,7 @@ class Engine:
                     continue
                 mine = []
                 for beam in s.beams:
-                    self._put(b, n, beam.next_tok, len(beam.slot.cache), beam.slot.seq, True)
+                    self._put(b, n, beam.next_tok, len(beam.slot.cache) - beam.slot.pos_gap, beam.slot.seq, True)
                     beam.slot.cache.append(beam.next_tok)
                     mine.append((beam, n))
                     n += 1
@@ -976,13 +1342,13 @@ class Engine:
                 self.counters["prompt_decoded"] += 1
             else:
                 continue
-            self._put(b, n, tok, len(s.cache), s.seq, True)
+            self._put(b, n, tok, len(s.cache) - s.pos_gap, s.seq, True)
             s.cache.append(tok)
             rows.append((s, n))
             n += 1
             s.draft = self._draft(s, self.n_batch - n - self.n_slots)
             for d in s.draft:  # verified in this same decode
-                self._put(b, n, d, len(s.cache), s.seq, True)
+                self._put(b, n, d, len(s.cache) - s.pos_gap, s.seq, True)
                 s.cache.append(d)
                 n += 1
         if n and self._decode(n):
@@ -995,28 +1361,119 @@ class Engine:
             for s, mine in beam_rows:
                 if s.job is not None:
                     self._beam_select(s, mine)
-        waiting = [s for s in self.slots if s.prefilling]
+        waiting = [s for s in self.slots if s.ready]
         if waiting:
             s = min(waiting, key=lambda x: x.job.submitted)
             start = s.n_prompt_done
+            if s.cur_media is not None or start in s.media:
+                self._decode_media(s)
+                return True
             end = min(len(s.prompt) - 1, (start // self.n_batch + 1) * self.n_batch)
+            nxt = [i for i in s.media if start < i < end]
+            if nxt:
+                end = min(nxt)
             for i, t in enumerate(s.prompt[start:end]):
-                self._put(b, i, t, len(s.cache), s.seq, False)
+                self._put(b, i, t, len(s.cache) - s.pos_gap, s.seq, False)
                 s.cache.append(t)
             s.n_prompt_done = end
             self.counters["prompt_decoded"] += end - start
-            n = end - start
+            cnt = end - start
             # --fastfirsttoken: the last prompt token rides with the final chunk (one decode fewer before the first
             # token; its logits then depend on the chunk, so the text may differ from a cached or batched run)
-            last = self.cfg.fast_first_token and end == len(s.prompt) - 1 and n < self.n_batch and s.beams is None
+            last = self.cfg.fast_first_token and end == len(s.prompt) - 1 and cnt < self.n_batch and s.beams is None
             if last:
-                self._put(b, n, s.prompt[-1], len(s.cache), s.seq, True)
+                self._put(b, cnt, s.prompt[-1], len(s.cache) - s.pos_gap, s.seq, True)
                 s.cache.append(s.prompt[-1])
                 s.n_prompt_done += 1
                 self.counters["prompt_decoded"] += 1
-                n += 1
-            if self._decode(n) and last and s.job is not None:
-                self._sample(s, n - 1)
+                cnt += 1
+            if self._decode(cnt) and last and s.job is not None:
+                self._sample(s, cnt - 1)
+        return bool(n or waiting)
+
+    def _decode_media(self, s: _Slot):
+        """Decode a media chunk's encoded embeddings into the slot's own sequence. Causal chunks go n_batch
+        embeddings per step, so neighbours keep generating between the pieces; non-causal (the whole chunk must
+        see itself) and M-RoPE chunks go at once through llama.cpp's helper."""
+        if s.cur_media is None:
+            start = s.n_prompt_done
+            chunk, embd = s.media.pop(start), s.embd.pop(start)
+            if isinstance(embd, Exception):
+                self._finish(s, "stop", -1, error=str(embd))
+                return
+            if chunk.n_tokens > self.n_batch and not self.projector.mrope and not self.projector.non_causal(chunk):
+                s.cur_media = (start, chunk, embd)
+        if s.cur_media is not None:
+            self._decode_media_piece(s)
+            return
+        rc = self.projector.decode(self.ctx, chunk, embd, len(s.cache) - s.pos_gap, s.seq, self.n_batch)
+        if rc != 0:
+            L.llama_memory_seq_rm(self.mem, s.seq, -1, -1)
+            s.cache, s.pos_gap = [], 0
+            self._finish(s, "stop", -1, error=f"llama.cpp failed to decode the {chunk.kind} ({rc})")
+            return
+        s.cache += s.prompt[start:start + chunk.n_tokens]
+        s.pos_gap += chunk.n_tokens - chunk.n_pos  # M-RoPE: the chunk took n_pos positions, as in llama.cpp
+        s.n_prompt_done = start + chunk.n_tokens
+
+    def _decode_media_piece(self, s: _Slot):
+        start, chunk, embd = s.cur_media
+        off = s.n_prompt_done - start
+        n = min(self.n_batch, chunk.n_tokens - off)
+        d = self.projector.n_embd
+        if self._embd_batch is None:
+            self._embd_batch = L.llama_batch_init(self.n_batch, d, 1)
+        b = self._embd_batch
+        part = np.ascontiguousarray(embd[off * d:(off + n) * d], dtype=np.float32)
+        ctypes.memmove(b.embd, part.ctypes.data, part.nbytes)
+        pos0 = len(s.cache) - s.pos_gap
+        for i in range(n):
+            b.pos[i] = pos0 + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = s.seq
+            b.logits[i] = 0
+        b.n_tokens = n
+        rc = L.llama_decode(self.ctx, b)
+        if rc != 0:
+            L.llama_memory_seq_rm(self.mem, s.seq, -1, -1)
+            s.cache, s.pos_gap = [], 0
+            self._finish(s, "stop", -1, error=f"llama.cpp failed to decode the {chunk.kind} ({rc})")
+            return
+        s.cache += s.prompt[start + off:start + off + n]
+        s.n_prompt_done += n
+        if off + n == chunk.n_tokens:
+            s.cur_media = None
+
+    _EMBD_CACHE_BYTES = 64 * 1024 * 1024  # recent encodings kept for images whose KV cache was evicted
+
+    def _encode_loop(self):
+        """The projector's thread: encode media for waiting slots, in submission order."""
+        while True:
+            item = self._encode_q.get()
+            if item is None:
+                return
+            slot, job, i, chunk = item
+            if job.aborted.is_set() or slot.job is not job:
+                continue
+            t0 = time.monotonic()
+            embd = self._embd_cache.get(chunk.key)  # a neighbour slot may have just encoded the same image
+            if embd is None:
+                try:
+                    embd = self.projector.encode(chunk)
+                except Exception as e:
+                    embd = e
+            dt = time.monotonic() - t0
+            with self._lock:
+                if slot.job is job and i in slot.media:
+                    slot.embd[i] = embd
+                    slot.encode_time += dt
+                if not isinstance(embd, Exception):
+                    self._embd_cache.pop(chunk.key, None)
+                    self._embd_cache[chunk.key] = embd
+                    while len(self._embd_cache) > 8 or (len(self._embd_cache) > 1 and sum(
+                            e.nbytes for e in self._embd_cache.values()) > self._EMBD_CACHE_BYTES):
+                        self._embd_cache.pop(next(iter(self._embd_cache)))
+                self._lock.notify_all()
 
     def _decode(self, n: int) -> bool:
         self.batch.n_tokens = n
@@ -1028,7 +1485,7 @@ class Engine:
             if s.job:
                 # the cache no longer matches what we think: start these sequences over next time
                 L.llama_memory_seq_rm(self.mem, s.seq, -1, -1)
-                s.cache = []
+                s.cache, s.pos_gap = [], 0
                 self._finish(s, "stop", -1, error=f"llama_decode failed ({rc})")
         return False
 
@@ -1048,7 +1505,12 @@ class Engine:
         if job.aborted.is_set():
             self._finish(s, "abort", -1)
             return
-        tok = s.sampler.sample(self.ctx, idx)
+        try:
+            tok = s.sampler.sample(self.ctx, idx)
+        except GrammarDone:
+            job.emit_text(s.stream.flush())
+            self._finish(s, "stop", 1)
+            return
         lp = self._logprob(idx, tok, req.top_logprobs) if req.logprobs else None
         if req.score:
             s.token_lps.append((lp or self._logprob(idx, tok, 0)).logprob)
@@ -1111,6 +1573,9 @@ class Engine:
             prompt_tokens=len(s.prompt),
             completion_tokens=len(s.generated),
             cached_tokens=s.cached,
+            media_tokens=sum(1 for t in s.prompt if t < 0),
+            cached_media_tokens=sum(1 for t in s.prompt[:s.cached] if t < 0),
+            encode_time=s.encode_time,
             stop_string=s.stream.stop_hit if s.stream else None,
             logprobs=s.logprobs if job.request.logprobs else None,
             seed=s.seed,
@@ -1132,6 +1597,10 @@ class Engine:
             if job in self._running:
                 self._running.remove(job)
             self.total_gens += 1
+            self.total_prompt_tokens += max(0, res.prompt_tokens - res.cached_tokens)
+            self.total_generated_tokens += res.completion_tokens
+            self.total_prompt_time += res.process_time
+            self.total_eval_time += res.eval_time
             self.last_result = res
             self.last_genkey = job.genkey
             if not self._running and not self._waiting:

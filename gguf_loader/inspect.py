@@ -334,3 +334,37 @@ def _build_info(reader, p: Path, size: int, version: int) -> ModelInfo:
         gguf_version=version,
         n_tensors=len(tensors),
     )
+
+
+@dataclass
+class ProjectorInfo:
+    path: str
+    projector_type: str
+    vision: bool
+    audio: bool
+    projection_dim: Optional[int]
+
+    def describe(self) -> str:
+        what = " and ".join(k for k, on in (("images", self.vision), ("audio", self.audio)) if on) or "nothing"
+        return f"projector {self.projector_type or '?'} for {what}, projecting to {self.projection_dim or '?'} dims"
+
+
+def inspect_projector(path, n_embd: Optional[int] = None) -> ProjectorInfo:
+    """Metadata of an mmproj file; GGUFError (one line) if it is not a projector or does not fit a model whose
+    embeddings have `n_embd` dimensions."""
+    info = inspect(path)
+    md = info.metadata
+    if info.architecture != "clip":
+        raise GGUFError(f"{info.path} is not a vision/audio projector (mmproj) file: its architecture is "
+                        f"'{info.architecture}' (a model?), expected 'clip'")
+    ptype = md.get("clip.projector_type") or md.get("clip.vision.projector_type") or md.get("clip.audio.projector_type")
+    vision = bool(md.get("clip.has_vision_encoder"))
+    audio = bool(md.get("clip.has_audio_encoder"))
+    if not (vision or audio):
+        raise GGUFError(f"projector {info.path} has neither a vision nor an audio encoder")
+    dims = [md.get(f"clip.{k}.projection_dim") for k in ("vision", "audio")]
+    dims = [d for d in dims if isinstance(d, int) and not isinstance(d, bool)]
+    if n_embd and dims and any(d != n_embd for d in dims):
+        raise GGUFError(f"projector {info.path} projects to {dims[0]} dimensions but the model's embeddings have "
+                        f"{n_embd}: it was made for another model")
+    return ProjectorInfo(info.path, ptype if isinstance(ptype, str) else "", vision, audio, dims[0] if dims else None)

@@ -7,6 +7,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Union
 
+# Where a media item goes in a prompt or memory text: the n-th marker is the n-th item of GenRequest.media.
+MEDIA_MARKER = "<__media__>"
+
 # KoboldCpp's sampler ids: 0 top_k, 1 top_a, 2 top_p, 3 tfs, 4 typical, 5 temperature, 6 rep_pen
 DEFAULT_SAMPLER_ORDER = [6, 0, 1, 3, 4, 2, 5]
 
@@ -52,6 +55,16 @@ class SamplingParams:
 
 
 @dataclass
+class Media:
+    """An image (RGB pixels, width*height*3 bytes) or audio clip (its WAV/MP3/FLAC file bytes) for a prompt."""
+    kind: str  # "image" | "audio"
+    data: bytes
+    width: int = 0
+    height: int = 0
+    key: str = ""  # a hash of the bytes the client sent: identical media share cached KV (FastForward)
+
+
+@dataclass
 class GenRequest:
     """One text generation. `prompt` is text (tokenized with BOS by the engine) or token ids."""
     prompt: Union[str, List[int]] = ""
@@ -73,6 +86,7 @@ class GenRequest:
     length_penalty: float = 1.0  # beam score = summed logprob / length ** length_penalty
     early_stopping: bool = False  # stop once `beams` hypotheses have finished
     tokenize_special: bool = True  # parse special-token text (e.g. "<start_of_turn>") in the prompt
+    media: List[Media] = field(default_factory=list)  # one per MEDIA_MARKER in memory + prompt, in order
 
 
 @dataclass
@@ -90,7 +104,10 @@ class Result:
     stop_reason: int  # why it ended: 0 token budget, 1 end-of-generation token, 2 stop string, -1 aborted/failed
     prompt_tokens: int
     completion_tokens: int
-    cached_tokens: int = 0  # prompt tokens served from the KV cache
+    cached_tokens: int = 0  # prompt tokens served from the KV cache (media tokens included)
+    media_tokens: int = 0  # prompt tokens that are image/audio embeddings
+    cached_media_tokens: int = 0  # of those, served from the KV cache
+    encode_time: float = 0.0  # seconds the projector spent encoding this request's media
     stop_string: Optional[str] = None
     logprobs: Optional[List[TokenLogprob]] = None
     seed: int = 0
@@ -165,6 +182,7 @@ class Job:
         self.finished = threading.Event()
         self.aborted = threading.Event()
         self.result: Optional[Result] = None
+        self.media_pieces: list = []  # the engine's prepared media (gguf_loader.mtmd pieces), one list per item
         self._text_parts: List[str] = []
 
     # engine side

@@ -152,6 +152,10 @@ class _PySampler:
         self.ptr = L.llama_sampler_init(ctypes.pointer(iface), None)
 
 
+class GrammarDone(Exception):
+    """The grammar allows no further token: generation ends here."""
+
+
 class _LazyGrammar:
     """Watches the generated text for a trigger (SamplingParams.grammar_triggers, Python regexes; group 1 starts
     the constrained text), ignoring a leading reasoning block; then builds the grammar and feeds it the text from
@@ -386,6 +390,10 @@ class SamplerChain:
             arr = self._candidates_from(ctx, idx)
             L.llama_sampler_apply(self.grammar, ctypes.byref(arr))
             L.llama_sampler_apply(self.chain, ctypes.byref(arr))
+            if arr.selected < 0 or not np.isfinite(self._cand[arr.selected].logit):
+                # nothing the grammar allows is left (it is complete and the end of text is banned, or every
+                # allowed token is banned): accepting any token would abort llama.cpp
+                raise GrammarDone()
             tok = int(self._cand[arr.selected].id)
         L.llama_sampler_accept(self.grammar, tok)
         L.llama_sampler_accept(self.chain, tok)

@@ -31,12 +31,15 @@
     "setting-fields", "sampler-order", "settings-reset", "memory", "note", "note-depth", "user-name", "bot-name",
     "system-prompt", "error", "error-text", "error-action", "error-close", "status", "perf", "ctx-fill", "ctx-text",
     "ctx-meter", "model-name", "model-ctx", "server-version", "conn-dot", "key-dialog", "key-form", "key-input",
-    "key-error"]) {
+    "key-error", "btn-attach", "attach-file", "attach-preview"]) {
     el[id] = $(id);
   }
 
   // ---------- state ----------
-  const server = { connected: false, protected: false, maxCtx: 0, model: "", version: "" };
+  const server = { connected: false, protected: false, maxCtx: 0, model: "", version: "", vision: false };
+  const MAX_IMAGES = 8; // the server's per-request limit
+  const IMAGE_SIDE = 1024; // attached images are scaled to fit this (keeps sessions small)
+  let pendingImage = null; // data: URL attached to the next user message
   let settings = loadSettings();
   let session = loadSession();
   let undoStack = [];
@@ -134,7 +137,12 @@
       for (const t of obj.turns) {
         if (!t || typeof t.text !== "string" || !["user", "ai"].includes(t.role)) return { error: "each turn needs a role (user or ai) and a text" };
       }
-      s.turns = obj.turns.map((t) => ({ role: t.role, text: t.text }));
+      for (const t of obj.turns) {
+        if (t.images !== undefined && (!Array.isArray(t.images) || !t.images.every((u) => typeof u === "string" && u.startsWith("data:image/")))) {
+          return { error: "a turn's 'images' must be a list of data:image URLs" };
+        }
+      }
+      s.turns = obj.turns.map((t) => (t.images && t.images.length ? { role: t.role, text: t.text, images: [...t.images] } : { role: t.role, text: t.text }));
     }
     for (const k of ["memory", "note", "userName", "botName", "system", "draft"]) {
       if (obj[k] === undefined) continue;
@@ -226,6 +234,7 @@
       const ver = await call("/api/extra/version");
       server.protected = !!ver.protected;
       server.version = `${ver.result || "KoboldCpp"} ${ver.version || ""}`.trim();
+      server.vision = ver.vision === true;
       el["server-version"].textContent = server.version;
       if (server.protected && !(await keyWorks())) {
         askKey("");
@@ -350,7 +359,9 @@
     if (memory && !/\s$/.test(memory)) memory += "\n";
     if (mode === "instruct" && session.system.trim()) memory = `{{[SYSTEM]}}${session.system.trim()}{{[SYSTEM_END]}}` + memory;
     for (const s of settings.stop_sequence) stop.push(s.replace(/\\n/g, "\n"));
-    return { blocks, joiner, memory, stop };
+    // images of the turns before the reply, oldest first; the server puts them after memory (as KoboldCpp does)
+    const images = mode === "story" ? [] : before.flatMap((t) => t.images || []).slice(-MAX_IMAGES);
+    return { blocks, joiner, memory, stop, images };
   }
 
   async function countTokens(text, signal) {
@@ -429,8 +440,8 @@
   // ---------- generation ----------
   function newGenkey() { return "KCPP" + String(Math.floor(1000 + Math.random() * 9000)); }
 
-  function payload(prompt, memory, stop, genkey) {
-    return {
+  function payload(prompt, memory, stop, genkey, images) {
+    const body = {
       prompt, memory, genkey,
       max_context_length: effectiveCtx(),
       max_length: settings.max_length,
@@ -444,11 +455,15 @@
       sampler_order: settings.sampler_order,
       stop_sequence: stop,
       trim_stop: true,
+      return_progress: true,
     };
+    if (images && images.length) body.images = images.map((u) => u.slice(u.indexOf(",") + 1));
+    return body;
   }
 
   // Reads Kobold SSE: "event: message\ndata: {token, finish_reason}\n\n" until the server closes the socket.
-  async function streamInto(body, signal, onToken) {
+  // With return_progress the server also sends "event: progress" frames ({prompt_progress}) while the prompt is processed.
+  async function streamInto(body, signal, onToken, onProgress) {
     let res;
     try {
       res = await fetch("/api/extra/generate/stream", { method: "POST", headers: headers(true), body: JSON.stringify(body), signal });
@@ -471,6 +486,7 @@
       let obj;
       try { obj = JSON.parse(data); } catch (e) { throw new ApiError(0, "The server sent a broken stream event."); }
       if (obj.error) throw new ApiError(0, "Generation failed: " + (obj.error.message || obj.error.msg || JSON.stringify(obj.error)));
+      if (obj.prompt_progress) { if (onProgress) onProgress(obj.prompt_progress); return; }
       if (typeof obj.token === "string" && obj.token) onToken(obj.token);
       if (obj.finish_reason) finish = obj.finish_reason;
     };
@@ -528,7 +544,9 @@
       const fit = await fitPrompt(p);
       showContextUse(fit.used, fit.dropped);
       if (gen.stopping) throw Object.assign(new Error("stopped"), { name: "AbortError" });
-      const finish = await streamInto(payload(fit.prompt, p.memory, p.stop, genkey), gen.ctrl.signal, (tok) => {
+      let started = false;
+      const finish = await streamInto(payload(fit.prompt, p.memory, p.stop, genkey, server.vision ? p.images : []), gen.ctrl.signal, (tok) => {
+        if (!started) { started = true; setStatus("Generating…"); }
         raw += tok;
         let shown = raw;
         if (isChat && prevLen === 0) shown = shown.replace(/^\s+/, "");
@@ -536,6 +554,11 @@
         if (node && node.classList.contains("msg")) fillTurn(node, turns[idx].text, turns[idx].role);
         else if (node) node.textContent = turns[idx].text;
         stickToBottom();
+      }, (pp) => {
+        if (started) return;
+        const todo = Math.max(1, pp.total - pp.cache);
+        const pct = Math.min(100, Math.round((100 * (pp.processed - pp.cache)) / todo));
+        setStatus(`Processing prompt: ${pp.processed}/${pp.total} tokens (${pct}%)…`);
       });
       finishText(idx, prevLen);
       setStatus(gen.stopping ? "Stopped." : finishMessage(finish));
@@ -619,10 +642,12 @@
     if (!server.connected) { showError("Not connected to the server yet.", "Retry", connect); return; }
     const text = el.input.value;
     snapshot();
-    if (text.trim()) {
+    const img = session.mode !== "story" ? pendingImage : null;
+    if (text.trim() || img) {
       if (session.mode === "story") session.turns.push({ role: "user", text });
-      else session.turns.push({ role: "user", text: text.trim() });
+      else session.turns.push(img ? { role: "user", text: text.trim(), images: [img] } : { role: "user", text: text.trim() });
     }
+    if (img) setAttachment(null);
     el.input.value = "";
     session.draft = "";
     render();
@@ -820,7 +845,16 @@
         b.className = "body";
         b.contentEditable = editable;
         b.spellcheck = false;
-        m.append(n, b);
+        m.append(n);
+        for (const u of t.images || []) {
+          const im = document.createElement("img");
+          im.className = "thumb";
+          im.dataset.testid = "thumb";
+          im.alt = "attached image";
+          im.src = u;
+          m.append(im);
+        }
+        m.append(b);
         fillTurn(m, t.text, t.role);
         out.appendChild(m);
       });
@@ -892,6 +926,8 @@
 
   function updateButtons() {
     const busy = !!gen;
+    el["btn-attach"].hidden = !server.vision || session.mode === "story";
+    el["btn-attach"].disabled = busy;
     el["btn-send"].hidden = busy;
     el["btn-stop"].hidden = !busy;
     el["btn-stop"].disabled = busy && gen.stopping;
@@ -1143,6 +1179,59 @@
     }
     session.noteDepth = n;
     autosave();
+  });
+
+  // ---------- image attachments (servers started with --mmproj) ----------
+  function setAttachment(url) {
+    pendingImage = url;
+    const box = el["attach-preview"];
+    box.textContent = "";
+    box.hidden = !url;
+    if (!url) return;
+    const im = document.createElement("img");
+    im.className = "thumb";
+    im.alt = "image to send";
+    im.src = url;
+    const x = document.createElement("button");
+    x.type = "button";
+    x.className = "close-btn";
+    x.dataset.testid = "attach-remove";
+    x.title = "Remove the image";
+    x.textContent = "✕";
+    x.addEventListener("click", () => setAttachment(null));
+    box.append(im, x);
+  }
+
+  // Any browser-readable image becomes a PNG/JPEG data: URL no larger than IMAGE_SIDE per side.
+  function readImage(file) {
+    return new Promise((resolve, reject) => {
+      const url = URL.createObjectURL(file);
+      const im = new Image();
+      im.onload = () => {
+        const k = Math.min(1, IMAGE_SIDE / Math.max(im.naturalWidth, im.naturalHeight));
+        const c = document.createElement("canvas");
+        c.width = Math.max(1, Math.round(im.naturalWidth * k));
+        c.height = Math.max(1, Math.round(im.naturalHeight * k));
+        c.getContext("2d").drawImage(im, 0, 0, c.width, c.height);
+        URL.revokeObjectURL(url);
+        resolve(c.toDataURL(file.type === "image/png" ? "image/png" : "image/jpeg", 0.9));
+      };
+      im.onerror = () => { URL.revokeObjectURL(url); reject(new Error(`${file.name} is not an image this browser can read.`)); };
+      im.src = url;
+    });
+  }
+
+  el["btn-attach"].addEventListener("click", () => el["attach-file"].click());
+  el["attach-file"].addEventListener("change", async () => {
+    const f = el["attach-file"].files[0];
+    el["attach-file"].value = "";
+    if (!f) return;
+    try {
+      setAttachment(await readImage(f));
+      setStatus(`Image attached: ${f.name}`);
+    } catch (e) {
+      showError(e.message);
+    }
   });
 
   window.addEventListener("beforeunload", () => { session.draft = el.input.value; saveSessionNow(); });

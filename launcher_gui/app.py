@@ -208,6 +208,12 @@ class LauncherApp(ctk.CTk):
         self._row(p, tab, 6, "threads", hint=f"-1 = auto ({self.threads_auto} here)")
         self.adapter_box = self._row(p, tab, 7, "chatcompletionsadapter", extra=self._adapter_button)
         self._row(p, tab, 8, "launch")
+        self.mmproj_entry = self._row(p, tab, 9, "mmproj", extra=self._mmproj_button)
+
+    def _mmproj_button(self, parent):
+        self.mmproj_button = ctk.CTkButton(parent, text="File…", width=70, command=self.pick_mmproj)
+        Tooltip("Pick the vision projector (mmproj .gguf) that belongs to the model.", self.mmproj_button)
+        return self.mmproj_button
 
     def _adapter_button(self, parent):
         self.adapter_button = ctk.CTkButton(parent, text="File…", width=70, command=self.pick_adapter)
@@ -352,6 +358,10 @@ class LauncherApp(ctk.CTk):
         if kind == "model":
             return filedialog.askopenfilename(parent=self, title="Choose a GGUF model", initialdir=initial,
                                               filetypes=[("GGUF models", "*.gguf"), ("All files", "*")]) or ""
+        if kind == "mmproj":
+            return filedialog.askopenfilename(parent=self, title="Choose a vision projector (mmproj)",
+                                              initialdir=initial,
+                                              filetypes=[("GGUF projectors", "*.gguf"), ("All files", "*")]) or ""
         if kind == "adapter":
             return filedialog.askopenfilename(parent=self, title="Choose a chat adapter",
                                               filetypes=[("Adapter JSON", "*.json"), ("All files", "*")]) or ""
@@ -375,6 +385,19 @@ class LauncherApp(ctk.CTk):
             self.set_status(f"Model: {Path(path).name}")
         else:
             self.show_error(F.FieldError("model", self.fields["model"].label, self.facts_message.cget("text")))
+
+    def pick_mmproj(self):
+        path = self._ask("mmproj")
+        if not path:
+            return
+        self.vars["mmproj"].set(path)
+        try:
+            F.check_projector_file(path, self.vars["model"].get().strip() or None)
+        except F.FieldError as e:
+            self.show_error(e)
+            return
+        self._mark(None)
+        self.set_status(f"Vision projector: {Path(path).name}")
 
     def pick_adapter(self):
         path = self._ask("adapter")

@@ -32,6 +32,7 @@ _SPEC = (
     Field("threads", "Threads", "int"),
     Field("chatcompletionsadapter", "Chat adapter", "choice"),
     Field("launch", "Open browser", "bool"),
+    Field("mmproj", "Vision projector", "text"),
     Field("batchsize", "Batch size", "choice",
           choices=("16", "32", "64", "128", "256", "512", "1024", "2048", "4096")),
     Field("flashattention", "Flash attention", "bool"),
@@ -62,6 +63,8 @@ def _tips(threads_auto: int) -> dict:
                                   "Alpaca is the default; AutoGuess reads the template from the model; "
                                   "or pick a preset or your own JSON adapter file.",
         "launch": "Open the web page in your browser once the model is loaded.",
+        "mmproj": "Optional: the mmproj .gguf file made for this model, so it can see images (and hear audio, "
+                  "if the projector has an audio encoder). Leave empty for text only.",
         "batchsize": "How many prompt tokens are processed in one step. Larger is faster on long prompts "
                      "but uses more memory.",
         "flashattention": "Use flash attention: less memory for long contexts, sometimes faster.",
@@ -157,8 +160,8 @@ def collect(base: argparse.Namespace, values: dict, hooks, check_model: bool = T
             setattr(ns, dest, (not raw) if f.invert else bool(raw))
             continue
         text = str(raw).strip()
-        if dest == "model":
-            ns.model = text or None
+        if dest in ("model", "mmproj"):
+            setattr(ns, dest, text or None)
             continue
         if dest == "chatcompletionsadapter":
             try:
@@ -181,7 +184,28 @@ def collect(base: argparse.Namespace, values: dict, hooks, check_model: bool = T
     hooks.finalize(ns)
     if check_model:
         check_model_file(ns.model)
+        if getattr(ns, "mmproj", None):
+            check_projector_file(ns.mmproj, ns.model)
     return ns
+
+
+def check_projector_file(path: str, model: str | None):
+    """The projector must be a clip GGUF whose projection fits the model's embedding size."""
+    label = _BY_DEST["mmproj"].label
+    from gguf_loader import GGUFError, inspect
+    from gguf_loader.inspect import inspect_projector
+    n_embd = None
+    if model:
+        try:
+            n_embd = inspect(str(Path(model).expanduser())).n_embd
+        except (GGUFError, OSError):
+            pass
+    try:
+        inspect_projector(str(Path(path).expanduser()), n_embd)
+    except GGUFError as e:
+        raise FieldError("mmproj", label, str(e))
+    except OSError as e:
+        raise FieldError("mmproj", label, f"cannot read {path}: {e.strerror or e}")
 
 
 def check_model_file(model: str | None):

@@ -22,13 +22,16 @@ from adapters.errors import ApiError, BadRequest, MethodNotAllowed, NotFound, Pa
 from adapters.fields import clean_text
 from adapters.run import ClientGone, JobRunner
 
+KEEPALIVE_S = 5.0  # SSE comment interval while a stream waits (load balancers often cut idle streams at 30-60 s)
+PROGRESS_S = 0.5  # at most this often a prompt_progress event
+LOADING_MAX_BODY = 1 << 20  # bodies read (and refused) while the model loads
 MAX_JSON_DEPTH = 128  # deeper bodies are refused before any code walks them recursively
 _CORS_HEADERS = (
     ("Access-Control-Allow-Origin", "*"),
     ("Access-Control-Allow-Methods", "*"),
     ("Access-Control-Allow-Headers", "*, Accept, Content-Type, Content-Length, Cache-Control, Accept-Encoding, "
                                      "X-CSRF-Token, Client-Agent, X-Fields, Authorization, X-Requested-With, "
-                                     "X-HTTP-Method-Override, apikey, genkey"),
+                                     "X-HTTP-Method-Override, apikey, genkey, x-api-key, anthropic-version"),
     ("Access-Control-Allow-Private-Network", "true"),  # Chrome: public-origin pages calling localhost
 )
 
@@ -47,8 +50,10 @@ def log_line(line: str):
 @dataclass
 class Route:
     fn: Callable  # fn(handler)
-    auth: bool = False  # needs 'Authorization: Bearer <--password>' when a password is set
+    auth: bool = False  # needs 'Authorization: Bearer <--password>' (or x-api-key) when a password is set
     dialect: str = "kobold"  # shape of error bodies: "kobold" | "openai" | "ollama"
+    path: str = ""  # the registered path (the /metrics label: never the raw request path)
+    while_loading: bool = False  # answers before the model is loaded (health checks); the rest answer 503
 
 
 @dataclass
@@ -59,16 +64,16 @@ class RouteTable:
     patterns: List[Tuple[str, "re.Pattern", str, Route]] = field(default_factory=list)  # method, regex, doc path
     prefixes: List[Tuple[str, str, Callable, Route]] = field(default_factory=list)  # method, prefix, fn(h, rest)
 
-    def add(self, methods, paths, fn, auth=False, dialect="kobold"):
+    def add(self, methods, paths, fn, auth=False, dialect="kobold", while_loading=False):
         for m in [methods] if isinstance(methods, str) else methods:
             for p in [paths] if isinstance(paths, str) else paths:
-                self.exact[(m.upper(), p)] = Route(fn, auth, dialect)
+                self.exact[(m.upper(), p)] = Route(fn, auth, dialect, p, while_loading)
 
     def add_pattern(self, method: str, regex: str, doc_path: str, fn, auth=False, dialect="kobold"):
-        self.patterns.append((method, re.compile(regex), doc_path, Route(fn, auth, dialect)))
+        self.patterns.append((method, re.compile(regex), doc_path, Route(fn, auth, dialect, doc_path)))
 
     def add_prefix(self, method: str, prefix: str, fn, dialect="kobold"):
-        self.prefixes.append((method, prefix, fn, Route(fn, False, dialect)))
+        self.prefixes.append((method, prefix, fn, Route(fn, False, dialect, prefix + "*")))
 
     def described(self) -> List[Tuple[str, str, bool, str]]:
         """(METHOD, path, auth, dialect) of every route, for the OpenAPI document."""
@@ -85,7 +90,7 @@ class RouteTable:
         for m, prefix, fn, route in self.prefixes:
             if m == method and path.startswith(prefix):
                 rest = path[len(prefix):]
-                return Route(lambda h, fn=fn, rest=rest: fn(h, rest), route.auth, route.dialect)
+                return Route(lambda h, fn=fn, rest=rest: fn(h, rest), route.auth, route.dialect, route.path)
         best = None  # suffix match: the longest registered path wins
         for (m, p), cand in self.exact.items():
             if m == method and len(p) > 1 and path.endswith(p) and (best is None or len(p) > len(best[0])):
@@ -157,6 +162,15 @@ def parse_json(raw: bytes):
 
 # ---------------------------------------------------------------- handler
 
+@dataclass
+class _StreamState:
+    headers: tuple
+    progress: Optional[Callable[[dict], bytes]]
+    last_write: float = field(default_factory=time.monotonic)
+    last_progress: float = 0.0
+    last_processed: int = -1
+
+
 class Handler(BaseHTTPRequestHandler):
     server_version = "KoboldCppServer"
     sys_version = ""
@@ -168,6 +182,11 @@ class Handler(BaseHTTPRequestHandler):
     @property
     def state(self):
         return self.server.state
+
+    @property
+    def max_body(self) -> int:
+        st = self.server.state
+        return st.max_body if st is not None else LOADING_MAX_BODY
 
     def version_string(self):
         return self.server_version
@@ -241,20 +260,56 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionError, OSError) as e:
             raise ClientGone() from e
 
-    def pump(self, chunks: Iterator[bytes], ndjson: bool = False):
+    def pump(self, chunks: Iterator[bytes], ndjson: bool = False, progress: Optional[Callable[[dict], bytes]] = None):
         """Write a stream. Headers go out with the first chunk, so an error raised before it is still a JSON
-        reply with its status; closing the iterator (always) aborts whatever job it follows."""
+        reply with its status; closing the iterator (always) aborts whatever job it follows.
+
+        While the job waits (queued, or processing a long prompt) an SSE stream gets a `: keep-alive` comment every
+        KEEPALIVE_S seconds, and, when the body asked for `return_progress`, `progress(prompt_progress)` events.
+        NDJSON has no comment syntax: it gets nothing extra."""
         headers = (("Content-Type", "application/x-ndjson"), ("Cache-Control", "no-cache")) if ndjson \
             else sse.SSE_HEADERS
+        body = self.json() if progress is not None and self.body else {}
+        want_progress = progress is not None and isinstance(body, dict) and body.get("return_progress") is True
+        self._stream = None if ndjson else _StreamState(headers, progress if want_progress else None)
         try:
             for c in chunks:
                 if self.status_sent is None:
                     self._start_stream(headers)
                 self.write(c)
+                if self._stream:
+                    self._stream.last_write = time.monotonic()
             if self.status_sent is None:
                 self._start_stream(headers)
+        except ApiError as e:
+            if self.status_sent is None or ndjson:
+                raise
+            # the stream already started (keep-alive lines): the error can only be an event now
+            self.write(sse.event(error_body(self.dialect, e)))
         finally:
+            self._stream = None
             getattr(chunks, "close", lambda: None)()
+
+    def _on_wait(self, job):
+        """Called by the JobRunner while a job sends nothing (same thread as pump)."""
+        st = getattr(self, "_stream", None)
+        if st is None:
+            return
+        now = time.monotonic()
+        if st.progress is not None:
+            p = self.state.engine.job_progress(job) if hasattr(self.state.engine, "job_progress") else None
+            if p is not None and p["processed"] != st.last_processed and now - st.last_progress >= PROGRESS_S:
+                st.last_processed, st.last_progress = p["processed"], now
+                self._stream_write(st, st.progress(p))
+                return
+        if now - st.last_write >= self.server.keepalive_s:
+            self._stream_write(st, sse.KEEPALIVE)
+
+    def _stream_write(self, st, data: bytes):
+        if self.status_sent is None:
+            self._start_stream(st.headers)
+        self.write(data)
+        st.last_write = time.monotonic()
 
     def client_gone(self) -> bool:
         """True when the client closed its side (readable with no data). Pipelined bytes count as alive."""
@@ -268,7 +323,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def runner(self) -> JobRunner:
         """Runs jobs for this request, aborting them when this client hangs up."""
-        return JobRunner(self.state.engine, self.client_gone)
+        return JobRunner(self.state.engine, self.client_gone, on_wait=self._on_wait)
 
     def _content_length(self) -> Optional[int]:
         values = self.headers.get_all("Content-Length") or []
@@ -286,7 +341,7 @@ class Handler(BaseHTTPRequestHandler):
         return int(cl)
 
     def _read_body(self) -> bytes:
-        limit = self.state.max_body
+        limit = self.max_body
         te = (self.headers.get("Transfer-Encoding") or "").lower()
         cl = self._content_length()
         if "chunked" in te:
@@ -297,7 +352,7 @@ class Handler(BaseHTTPRequestHandler):
         if cl is None:
             return b""
         if cl > limit:
-            raise PayloadTooLarge(self.state.max_body // (1024 * 1024))
+            raise PayloadTooLarge(self.max_body // (1024 * 1024))
         data = self.rfile.read(cl)
         if len(data) < cl:
             self.close_connection = True
@@ -320,7 +375,7 @@ class Handler(BaseHTTPRequestHandler):
                     pass
                 return bytes(out)
             if len(out) + size > limit:
-                raise PayloadTooLarge(self.state.max_body // (1024 * 1024))
+                raise PayloadTooLarge(self.max_body // (1024 * 1024))
             out += self.rfile.read(size)
             self.rfile.readline(8)
         self.close_connection = True
@@ -336,6 +391,8 @@ class Handler(BaseHTTPRequestHandler):
             return True
         auth = self.headers.get("Authorization") or ""
         token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        if not token:  # Anthropic's SDKs send the key as x-api-key
+            token = (self.headers.get("x-api-key") or "").strip()
         # header values arrive decoded as Latin-1; the key is compared as the UTF-8 bytes the client sent
         raw = token.encode("latin-1", "replace")
         return hmac.compare_digest(raw, pw.encode("utf-8")) or hmac.compare_digest(raw, pw.encode("latin-1", "replace"))
@@ -357,11 +414,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_expect_100(self):
         try:
-            if (self._content_length() or 0) > self.state.max_body:
+            if (self._content_length() or 0) > self.max_body:
                 self.close_connection = True
                 self.body = b""
                 self.status_sent = None
-                self.send_error_json(PayloadTooLarge(self.state.max_body // (1024 * 1024)), "kobold")
+                self.send_error_json(PayloadTooLarge(self.max_body // (1024 * 1024)), "kobold")
                 return False
         except BadRequest:
             pass  # answered by _dispatch
@@ -375,6 +432,9 @@ class Handler(BaseHTTPRequestHandler):
         method = self.command
         path = normalize_path(self.path)
         dialect = "kobold"
+        self.dialect = dialect
+        self._stream = None
+        label = "other"
         drain = False
         try:
             try:
@@ -389,7 +449,11 @@ class Handler(BaseHTTPRequestHandler):
             if method == "HEAD":
                 method = "GET"
             r = self.server.routes.resolve(method, path)
-            dialect = r.dialect
+            dialect = self.dialect = r.dialect
+            label = r.path or path
+            if self.server.state is None and not r.while_loading:
+                self._answer_loading(path, dialect)
+                return
             if r.auth and not self.authorized():
                 raise Unauthorized()
             r.fn(self)
@@ -412,7 +476,24 @@ class Handler(BaseHTTPRequestHandler):
                 self._drain()
             ms = (time.monotonic() - t0) * 1000
             status = self.status_sent if self.status_sent is not None else "-"
+            if self.server.metrics is not None:
+                self.server.metrics.record(label, self.command or "-", status, ms / 1000)
             log_line(f"{self.client_address[0]} {self.command} {path} {status} {ms:.0f}ms{self.log_extra}")
+
+    def _answer_loading(self, path: str, dialect: str):
+        """503 with the load progress while the model loads; the web page reloads itself until it is ready."""
+        load = self.server.load
+        pct = round(load.progress * 100) if load else 0
+        hdrs = [("Retry-After", "2")]
+        if path == "/" or path.startswith("/klite"):
+            page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='2'>"
+                    f"<title>KoboldCpp: loading</title></head><body><h1>Loading the model: {pct}%</h1>"
+                    f"<p>This page reloads itself when the server is ready.</p></body></html>")
+            self.send_bytes(503, page.encode("utf-8"), "text/html; charset=utf-8", hdrs)
+            return
+        err = ApiError(f"Loading model ({pct}%)", 503, "unavailable_error",
+                       extra={"status": "loading", "progress": load.progress if load else 0.0})
+        self.send_json(503, error_body(dialect, err), hdrs)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _dispatch
 
@@ -423,8 +504,12 @@ class Server(ThreadingHTTPServer):
     allow_reuse_address = not sys.platform.startswith("win")  # on Windows it would let two servers share a port
 
     def __init__(self, address, state, routes: RouteTable, handler=Handler):
-        self.state = state
+        self.state = state  # None while the model loads: only while_loading routes answer
         self.routes = routes
+        self.load = None  # server.ops.LoadStatus while loading
+        self.metrics = None  # server.ops.RequestMetrics
+        self.keepalive_s = KEEPALIVE_S
+        self.extras: dict = {}  # optional parts (the Horde worker) that routes report on
         super().__init__(address, handler)
 
     def handle_error(self, request, client_address):

@@ -1,7 +1,7 @@
 """KoboldCpp's native API: generate (blocking and SSE), check/abort by genkey, tokenizer, info routes."""
 from __future__ import annotations
 
-from adapters import kobold
+from adapters import kobold, sse
 from adapters.errors import BadRequest
 from adapters.run import check
 
@@ -36,7 +36,8 @@ def generate(h):
 def generate_stream(h):
     runner = h.runner()
     req, spec = _parse_gen(h)
-    h.pump(kobold.stream(runner, runner.submit(req), spec))
+    # return_progress: `event: progress` lines ({"prompt_progress": ...}) while the prompt is processed
+    h.pump(kobold.stream(runner, runner.submit(req), spec), progress=lambda p: sse.progress_event(p, name="progress"))
 
 
 def _job_for_key(engine, genkey: str):
@@ -126,10 +127,19 @@ def version(h):
     s = h.state
     h.send_json(200, {
         "result": "KoboldCpp", "version": s.api_version, "protected": bool(s.password), "llm": True,
-        "txt2img": False, "vision": False, "audio": False, "transcribe": False, "multiplayer": False,
+        "txt2img": False, "vision": bool(getattr(s.engine, "vision", False)),
+        "audio": bool(getattr(s.engine, "audio", False)), "transcribe": False, "multiplayer": False,
         "websearch": False, "tts": False, "embeddings": True, "savedata": False, "admin": 0, "guidance": False,
         "jinja": bool(s.chat.use_jinja),
     })
+
+
+def perf(h):
+    out = kobold.perf_response(h.state.engine.perf(), h.state.quiet)
+    horde = h.server.extras.get("horde")
+    if horde is not None:  # the AI Horde worker's jobs, tokens and kudos (--hordekey)
+        out["horde"] = horde.stats()
+    h.send_json(200, out)
 
 
 def tokencount(h):
@@ -177,8 +187,7 @@ def register(t):
     t.add("GET", "/api/v1/config/soft_prompt", lambda h: h.send_json(200, {"value": ""}))
     t.add("GET", "/api/v1/config/soft_prompts_list", lambda h: h.send_json(200, {"values": []}))
     t.add("GET", "/api/extra/version", version)
-    t.add("GET", "/api/extra/perf", lambda h: h.send_json(200, kobold.perf_response(h.state.engine.perf(),
-                                                                                    h.state.quiet)))
+    t.add("GET", "/api/extra/perf", perf)
     t.add("POST", ["/api/extra/tokencount", "/api/extra/tokenize"], tokencount, auth=True)
     t.add("POST", "/api/extra/detokenize", detokenize, auth=True)
     t.add("POST", "/api/extra/json_to_grammar", json_to_grammar, auth=True)

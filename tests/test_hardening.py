@@ -165,3 +165,29 @@ def test_max_tokens_edges_over_http(srv):
     assert st == 400 and out["error"]["param"] == "max_tokens" and "511" in out["error"]["message"]
     st, _, out = http("POST", srv.url + "/api/v1/generate", {"prompt": "x", "max_length": 512})
     assert st == 400 and "512" in out["detail"]["msg"]
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/api/v1/generate", {"prompt": "x", "max_length": 8}),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 8}),
+    ("/v1/chat/completions", dict(CHAT, max_tokens=8)),
+    ("/api/chat", {"messages": CHAT["messages"], "stream": False, "options": {"num_predict": 8}}),
+])
+@pytest.mark.parametrize("pressure", [{"ban_eos_token": True}, {"bypass_eos": True}, {"banned_tokens": ["1"]},
+                                      {"stop_sequence": ["1"]}, {"logit_bias": {"2": -100}}])
+def test_a_finished_grammar_with_the_end_banned_ends_cleanly(srv, path, body, pressure):
+    """A grammar that allows exactly "1", with the end of text banned (or "1" itself banned): once nothing is
+    allowed, llama.cpp would abort the process on the next token; generation must end instead."""
+    grammar = {"format": {"const": 1}} if path == "/api/chat" else {"grammar": 'root ::= "1"'}
+    st, _, out = http("POST", srv.url + path, dict(body, **grammar, **pressure))
+    assert st == 200, out
+    text = json.dumps(out)
+    assert "1" in text or '""' in text
+    alive(srv)
+
+
+@pytest.mark.parametrize("value", [{}, [], 1, None, "bogus"])
+def test_reasoning_format_of_any_type_is_a_clean_answer(srv, value):
+    st, _, out = http("POST", srv.url + "/v1/chat/completions", dict(CHAT, reasoning_format=value))
+    assert st == (200 if value is None else 400), out
+    alive(srv)

@@ -52,6 +52,8 @@ def sse_events(resp):
         buf += chunk
         while b"\n\n" in buf:
             raw, buf = buf.split(b"\n\n", 1)
+            if raw == b": keep-alive":  # an SSE comment the server sends while a job waits (README, keep-alive)
+                continue
             m = SSE_EVENT.match(raw.decode("utf-8"))
             assert m, f"bad SSE framing: {raw!r}"
             yield json.loads(m.group(1))

@@ -163,3 +163,37 @@ def test_launcher_opens_on_display(exe, home):
         xvfb.stop()
     out = proc.stdout.read()
     assert "Traceback" not in out and "warning" not in out.lower(), out
+
+
+def test_serves_images_with_a_projector(exe, home, tmp_path):
+    """libmtmd and Pillow are inside the executable: --mmproj loads and an image is decoded and counted."""
+    import base64
+    from tests.tinymmproj import image_tokens, png_bytes, tiny_mmproj
+    proj = tmp_path / "mmproj.gguf"
+    shutil.copy2(tiny_mmproj(), proj)
+    port = free_port()
+    log = home / "server.log"
+    with open(log, "w") as logf:
+        proc = subprocess.Popen([str(exe), "--model", bundled_model_path(), "--mmproj", str(proj), "--port", str(port),
+                                 "--skiplauncher", "--contextsize", "1024"],
+                                cwd=str(home), env={"HOME": str(home)}, stdout=logf, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.monotonic()
+        while True:
+            assert proc.poll() is None, f"exited with {proc.returncode}:\n{log.read_text()}"
+            assert time.monotonic() - t0 < 120, f"not serving after 120s:\n{log.read_text()}"
+            try:
+                if http("GET", url + "/api/v1/model", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        assert http("GET", url + "/api/extra/version")[2]["vision"] is True
+        img = base64.b64encode(png_bytes()).decode()
+        status, _, body = http("POST", url + "/api/v1/generate", {"prompt": "Describe.", "max_length": 2,
+                                                                  "images": [img]})
+        assert status == 200, body
+        assert http("GET", url + "/api/extra/perf")[2]["last_media_tokens"] == image_tokens()
+    finally:
+        stop_process(proc, 20)

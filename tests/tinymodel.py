@@ -22,6 +22,9 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+FIM_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
+FIM_REPO_TOKENS = ("<repo_name>", "<file_sep>")  # with fim="repo": project-level context (Qwen2.5-Coder style)
+
 _WORDS = (
     "the of and to in is you that it he was for on are as with his they at be this have from or one had by but "
     "not what all were we when your can said there use an each which she do how their if will up other about out "
@@ -55,11 +58,13 @@ def _vocab():
 
 def write_tiny_llama(path, n_embd: int = 64, n_layers: int = 2, n_ff: int = 128, n_head: int = 4,
                      n_head_kv: int = 2, n_ctx: int = 512, seed: int = 0, chat_template: str | None = None,
-                     big: bool = False, name: str = "tiny-llama") -> Path:
+                     big: bool = False, name: str = "tiny-llama", fim=False) -> Path:
     """Write a random-weight llama GGUF (F32) to `path` and return it as a Path.
 
     big=True gives the timing-sized variant (n_embd 512, 8 layers, ff 1536, 8 heads / 4 kv heads, ctx >= 2048,
-    about 100 MB) regardless of the size arguments.
+    about 100 MB) regardless of the size arguments. fim=True adds fill-in-the-middle control tokens
+    (<fim_prefix>, <fim_suffix>, <fim_middle>) and names them in the tokenizer metadata; fim="repo" adds the
+    repository-name and file-separator tokens too.
     """
     import gguf
 
@@ -70,6 +75,13 @@ def write_tiny_llama(path, n_embd: int = 64, n_layers: int = 2, n_ff: int = 128,
         raise ValueError("n_embd must divide by n_head, and n_head by n_head_kv")
     head_dim = n_embd // n_head
     tokens, scores, types = _vocab()
+    fim_ids = []
+    if fim:
+        for t in FIM_TOKENS + (FIM_REPO_TOKENS if fim == "repo" else ()):
+            fim_ids.append(len(tokens))
+            tokens.append(t)
+            scores.append(0.0)
+            types.append(int(gguf.TokenType.CONTROL))
     n_vocab = len(tokens)
     rng = np.random.default_rng(seed)
 
@@ -103,6 +115,10 @@ def write_tiny_llama(path, n_embd: int = 64, n_layers: int = 2, n_ff: int = 128,
         w.add_add_eos_token(False)
         if chat_template:
             w.add_chat_template(chat_template)
+        for key, tid in zip((gguf.Keys.Tokenizer.FIM_PRE_ID, gguf.Keys.Tokenizer.FIM_SUF_ID,
+                             gguf.Keys.Tokenizer.FIM_MID_ID, gguf.Keys.Tokenizer.FIM_REP_ID,
+                             gguf.Keys.Tokenizer.FIM_SEP_ID), fim_ids):
+            w.add_uint32(key, tid)
 
         ones = np.ones(n_embd, dtype=np.float32)
         w.add_tensor("token_embd.weight", rand(n_vocab, n_embd))
@@ -120,6 +136,69 @@ def write_tiny_llama(path, n_embd: int = 64, n_layers: int = 2, n_ff: int = 128,
             w.add_tensor(b + "ffn_up.weight", rand(n_ff, n_embd))
             w.add_tensor(b + "ffn_down.weight", rand(n_embd, n_ff))
 
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+    finally:
+        w.close()
+    return path
+
+
+def write_tiny_reranker(path, n_embd: int = 64, n_layers: int = 2, n_ff: int = 128, n_head: int = 4,
+                        n_head_kv: int = 2, n_ctx: int = 512, seed: int = 0) -> Path:
+    """A random-weight Qwen3-style reranker GGUF: rank pooling on the last token, a two-label ("yes"/"no")
+    classification head, the tiny SentencePiece vocabulary."""
+    import gguf
+
+    head_dim = n_embd // n_head
+    tokens, scores, types = _vocab()
+    n_vocab = len(tokens)
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape, scale=0.02):
+        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)).astype(np.float32)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "qwen3")
+    try:
+        w.add_name("tiny-reranker")
+        w.add_context_length(n_ctx)
+        w.add_embedding_length(n_embd)
+        w.add_block_count(n_layers)
+        w.add_feed_forward_length(n_ff)
+        w.add_head_count(n_head)
+        w.add_head_count_kv(n_head_kv)
+        w.add_rope_freq_base(10000.0)
+        w.add_layer_norm_rms_eps(1e-6)
+        w.add_pooling_type(gguf.PoolingType.RANK)
+        w.add_classifier_output_labels(["yes", "no"])
+        w.add_file_type(gguf.LlamaFileType.ALL_F32)
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
+        w.add_add_bos_token(True)
+        ones = np.ones(n_embd, dtype=np.float32)
+        w.add_tensor("token_embd.weight", rand(n_vocab, n_embd, scale=1.0))
+        w.add_tensor("output_norm.weight", ones.copy())
+        w.add_tensor("cls.output.weight", rand(2, n_embd, scale=0.1))
+        for i in range(n_layers):
+            b = f"blk.{i}."
+            w.add_tensor(b + "attn_norm.weight", ones.copy())
+            w.add_tensor(b + "attn_q.weight", rand(n_head * head_dim, n_embd))
+            w.add_tensor(b + "attn_k.weight", rand(n_head_kv * head_dim, n_embd))
+            w.add_tensor(b + "attn_v.weight", rand(n_head_kv * head_dim, n_embd))
+            w.add_tensor(b + "attn_output.weight", rand(n_embd, n_head * head_dim))
+            w.add_tensor(b + "attn_q_norm.weight", np.ones(head_dim, dtype=np.float32))
+            w.add_tensor(b + "attn_k_norm.weight", np.ones(head_dim, dtype=np.float32))
+            w.add_tensor(b + "ffn_norm.weight", ones.copy())
+            w.add_tensor(b + "ffn_gate.weight", rand(n_ff, n_embd))
+            w.add_tensor(b + "ffn_up.weight", rand(n_ff, n_embd))
+            w.add_tensor(b + "ffn_down.weight", rand(n_embd, n_ff))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
