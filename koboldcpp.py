@@ -71,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences decoded together (continuous batching)")
     p.add_argument("--defaultgenamt", type=_int_range(16, 8192, "--defaultgenamt"), default=896,
                    help="tokens generated when a request does not say")
+    p.add_argument("--smartcache", type=_int_range(0, 1024, "--smartcache"), nargs="?", const=8, default=0,
+                   help="keep up to N conversations' caches in RAM when their slot is taken over, restored when they "
+                        "return (alone: 8; 0 = off)")
+    p.add_argument("--smartcachemb", type=_int_range(16, 1048576, "--smartcachemb"), default=1024,
+                   help="RAM the SmartCache may use, in MiB")
+    p.add_argument("--fastfirsttoken", action="store_true",
+                   help="decode a prompt's last token with the prompt: one decode fewer before the first token, "
+                        "but the same seed may then give a different text cached, batched or alone")
+    p.add_argument("--promptlookup", type=_int_range(0, 16, "--promptlookup"), nargs="?", const=8, default=0,
+                   help="speculative decoding for greedy requests: draft up to N tokens from earlier in the context "
+                        "and verify them in one decode (alone: 8; 0 = off); the text is unchanged")
     p.add_argument("--noshift", action="store_true", help="disable ContextShift")
     p.add_argument("--nofastforward", action="store_true", help="disable FastForward prompt reuse (implies --noshift)")
     p.add_argument("--flashattention", "-fa", action="store_true", help="use flash attention")
@@ -428,7 +439,8 @@ def _load_served(args, spec, embeddings_path, max_queue, threads, own_mmproj: bo
                        fastforward=not margs.nofastforward, contextshift=not margs.noshift, quiet=margs.quiet,
                        embedding_model_path=embeddings_path, rerank_model_path=args.rerankmodel,
                        mmproj_path=mmproj, on_load_progress=on_progress, loras=_parse_loras(margs.lora),
-                       kv_type=margs.quantkv)
+                       kv_type=margs.quantkv, smartcache=margs.smartcache, smartcache_mb=margs.smartcachemb,
+                       fast_first_token=margs.fastfirsttoken, prompt_lookup=margs.promptlookup)
     engine = Engine(cfg)
     try:
         if args.rerankmodel:

@@ -1,7 +1,7 @@
 """Chat turned into engine jobs, shared by the chat dialects (OpenAI, Ollama): messages -> prompt through the
-instruct adapter or the model's Jinja template, tool-call planning, and running a plan's jobs one choice after
-another. Each dialect parses its own body into a template GenRequest and normalised messages; this module never
-reads a request body."""
+instruct adapter or the model's Jinja template, tool-call planning, and running a plan's jobs (every choice queued
+at once, reported in index order). Each dialect parses its own body into a template GenRequest and normalised
+messages; this module never reads a request body."""
 from __future__ import annotations
 
 import dataclasses
@@ -73,6 +73,8 @@ class Plan:
     decide: Optional[Callable] = None  # auto tools without a native format: decision text -> (mode, requests, spec)
     output: Optional[OutputSpec] = None  # how each choice's text is read (None: plain text, completions)
     count_tokens: Callable[[str], int] = lambda s: 0
+    n: int = 1  # choices returned per prompt
+    best_of: int = 0  # > n: candidates generated per prompt, the n with the highest mean token logprob returned
 
 
 def for_choices(template: GenRequest, prompt: instruct.ChatPrompt, seeds: List[Optional[int]],
@@ -286,21 +288,36 @@ class ChoiceEvent:
 
 
 def start(plan: Plan, runner: JobRunner) -> Iterator[ChoiceEvent]:
-    """Submit the first job now (a full queue is a 503 before any reply is started) and return the event iterator
-    over every choice; a failed job raises ApiError before its choice's "done"."""
-    return _events(plan, runner, runner.submit(plan.requests[0]))
+    """Submit the jobs now (a full queue is a 503 before any reply is started) and return the event iterator over
+    every choice; a failed job raises ApiError before its choice's "done"."""
+    if plan.decide:
+        return _events(plan, runner, [runner.submit(plan.requests[0])])
+    return _events(plan, runner, _submit_all(plan.requests, runner))
 
 
-def _events(plan: Plan, runner: JobRunner, job: Job) -> Iterator[ChoiceEvent]:
-    requests, mode, spec = plan.requests, plan.tool_mode, plan.output
+def _submit_all(requests: List[GenRequest], runner: JobRunner) -> List[Job]:
+    """Every choice queued together, so they decode side by side in free slots and the prompt is processed once
+    (the engine copies it to the other slots); later choices wait for room in a full queue."""
+    jobs: List[Job] = []
+    try:
+        for i, req in enumerate(requests):
+            jobs.append(runner.submit(req, wait_s=600 if i else 0))
+    except BaseException:
+        for j in jobs:
+            j.abort()
+        raise
+    return jobs
+
+
+def _events(plan: Plan, runner: JobRunner, jobs: List[Job]) -> Iterator[ChoiceEvent]:
+    mode, spec = plan.tool_mode, plan.output
     try:
         if plan.decide:
-            r = check(runner.wait(job))
+            r = check(runner.wait(jobs[0]))
             mode, requests, spec = plan.decide(r.text)
-            job = None
-        for i, req in enumerate(requests):
-            if job is None:
-                job = runner.submit(req, wait_s=600)
+            jobs = _submit_all(requests, runner)
+        # choices in index order; the later ones run meanwhile and their events wait in their jobs' queues
+        for i, job in enumerate(jobs):
             parser = OutputParser(spec) if spec is not None else None
             yield ChoiceEvent(i, "start", mode)
             for ev in runner.follow(job):
@@ -318,12 +335,27 @@ def _events(plan: Plan, runner: JobRunner, job: Job) -> Iterator[ChoiceEvent]:
                 else:
                     message = Message(content=result.text)
                 yield ChoiceEvent(i, "done", mode, result=result, message=message)
-            job = None
     finally:
-        if job is not None and not job.finished.is_set():
-            job.abort()
+        for job in jobs:
+            if not job.finished.is_set():
+                job.abort()
 
 
 def run(plan: Plan, runner: JobRunner) -> List[ChoiceEvent]:
-    """Run every choice to the end. -> the "done" event of each choice (its result and message)."""
-    return [ev for ev in start(plan, runner) if ev.kind == "done"]
+    """Run every choice to the end. -> the "done" event of each choice (its result and message); with best_of, the
+    best n of each prompt's candidates."""
+    done = [ev for ev in start(plan, runner) if ev.kind == "done"]
+    if plan.best_of > plan.n:
+        done = pick_best(done, plan.best_of, plan.n)
+    return done
+
+
+def pick_best(done: List[ChoiceEvent], best_of: int, n: int) -> List[ChoiceEvent]:
+    """OpenAI's best_of: of each prompt's `best_of` candidates (consecutive), the `n` with the highest mean token
+    log-probability, best first, renumbered."""
+    out = []
+    for g in range(0, len(done), best_of):
+        group = sorted(done[g:g + best_of], key=lambda ev: -ev.result.mean_logprob)
+        out += group[:n]
+    return [dataclasses.replace(ev, index=i) for i, ev in enumerate(out)]
+

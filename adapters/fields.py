@@ -339,6 +339,17 @@ def banned_phrases(b: Body) -> List[str]:
     return [p for p in b.strs("banned_tokens", MAX_BANNED, aliases=("banned_strings",)) if p.strip()]
 
 
+MAX_BEAMS = 16
+
+
+def beam_search(b: Body) -> dict:
+    """`num_beams` (> 1: beam search of that width), `length_penalty`, `early_stopping` -> GenRequest fields."""
+    beams = b.int("num_beams", 1, 1, MAX_BEAMS)
+    return {"beams": beams if beams > 1 else 0,
+            "length_penalty": b.num("length_penalty", 1.0, -10.0, 10.0),
+            "early_stopping": b.bool("early_stopping", False)}
+
+
 def genkey(b: Body) -> str:
     return b.str("genkey")[:MAX_GENKEY]
 

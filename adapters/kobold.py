@@ -79,6 +79,7 @@ def parse_generate(body, defaults: GenDefaults) -> GenRequest:
         logprobs=logprobs,
         top_logprobs=top,
         genkey=F.genkey(b),
+        **F.beam_search(b),
     )
 
 

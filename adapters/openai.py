@@ -111,7 +111,21 @@ def _template(b: F.Body, ctx: Context, adapter: dict, lp: Optional[int]) -> GenR
                       stop=_stops(b, adapter), banned_phrases=F.banned_phrases(b),
                       trim_stop=True, bypass_eos=b.bool("bypass_eos", lenient=True),
                       render_special=b.bool("render_special", lenient=True), logprobs=lp is not None,
-                      top_logprobs=lp or 0, genkey=F.genkey(b), lora=F.lora(b, len(getattr(ctx.engine, "loras", ()))))
+                      top_logprobs=lp or 0, genkey=F.genkey(b),
+                      lora=F.lora(b, len(getattr(ctx.engine, "loras", ()))), **_beams(b))
+
+
+def _beams(b: F.Body) -> dict:
+    """Beam search (`num_beams` > 1): one deterministic sequence per prompt, known at the end."""
+    kw = F.beam_search(b)
+    if kw["beams"]:
+        if b.bool("stream", lenient=True):
+            raise _bad("beam search ('num_beams' > 1) cannot be streamed: the best beam is known at the end; "
+                       "send stream: false", "num_beams")
+        if b.int("n", 1) > 1 or (b.int("best_of") or 1) > 1:
+            raise _bad("beam search ('num_beams' > 1) returns one sequence per prompt: leave 'n' and 'best_of' "
+                       "at 1", "num_beams")
+    return kw
 
 
 def _seeds(b: F.Body, n: int) -> List[Optional[int]]:
@@ -239,9 +253,25 @@ def reasoning_options(b: F.Body) -> dict:
     return {"reasoning_effort": effort, "template_kwargs": kw, "reasoning_format": rf}
 
 
+def _best_of(b: F.Body, n: int, prompts: int, stream: bool) -> int:
+    """Candidates per prompt: `best_of` (at least n; the n best by mean token logprob are returned) or n."""
+    k = b.int("best_of", None, 1, MAX_N)
+    if k is None:
+        return n
+    if k < n:
+        raise _bad(f"'best_of' ({k}) must be at least 'n' ({n})", "best_of")
+    if prompts * k > MAX_N:
+        raise _bad(f"at most {MAX_N} candidates per request (prompts x best_of)", "best_of")
+    if stream and k > n:
+        raise _bad("'best_of' greater than 'n' cannot be streamed (the best are known at the end); "
+                   "send stream: false", "best_of")
+    return k
+
+
 def parse_chat(body, ctx: Context) -> Plan:
     b = F.Body(body)
     n = b.int("n", 1, 1, MAX_N)
+    best_of = _best_of(b, n, 1, b.bool("stream"))
     media: list = []
     messages = parse_messages(b.data.get("messages"), media, getattr(ctx, "media", None))
     adapter = chat.request_adapter(ctx, b.data.get("adapter"))
@@ -256,7 +286,10 @@ def parse_chat(body, ctx: Context) -> Plan:
     plan = Plan("chat", [], ctx.model_name, new_id("chatcmpl-"), stream=stream, include_usage=_include_usage(b),
                 logprobs=logprobs)
     explicit_temp = b.raw("temperature")
-    return chat.plan_chat(plan, ctx, messages, adapter, template, _seeds(b, n), tools, choice,
+    plan.n, plan.best_of = n, best_of
+    if best_of > n:
+        template.score = True
+    return chat.plan_chat(plan, ctx, messages, adapter, template, _seeds(b, best_of), tools, choice,
                           jinja=ctx.use_jinja and b.data.get("adapter") is None,
                           continue_assistant=b.bool("continue_assistant_turn"),
                           tool_temperature=template.sampling.temperature if explicit_temp is not F.MISSING
@@ -287,6 +320,7 @@ def parse_completion(body, ctx: Context) -> Plan:
     prompts = _prompts(b.data, ctx.engine.n_vocab)
     if len(prompts) * n > MAX_N:
         raise _bad(f"at most {MAX_N} choices per request (prompts x n)", "n")
+    best_of = _best_of(b, n, len(prompts), b.bool("stream"))
     suffix = b.raw("suffix")
     if suffix is not F.MISSING and not isinstance(suffix, str):
         raise _bad("'suffix' must be a string", "suffix")
@@ -305,7 +339,9 @@ def parse_completion(body, ctx: Context) -> Plan:
     memory = instruct.replace_placeholders(b.str("memory"), adapter)
     plan = Plan("completion", [], ctx.model_name, new_id("cmpl-"), stream=b.bool("stream"),
                 include_usage=_include_usage(b), logprobs=lp is not None)
-    seeds = _seeds(b, n)
+    plan.n, plan.best_of = n, best_of
+    template.score = best_of > n
+    seeds = _seeds(b, best_of)
     for p in prompts:
         # a native-style text prompt may carry Kobold Lite's placeholders (this is not chat message content)
         text = instruct.replace_placeholders(p, adapter) if isinstance(p, str) else p

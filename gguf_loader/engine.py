@@ -60,6 +60,10 @@ class EngineConfig:
     on_load_progress: Optional[Callable[[float], bool]] = None  # 0..1 while loading; False cancels the load
     loras: List[Tuple[str, float]] = field(default_factory=list)  # (adapter file, scale), applied at load
     kv_type: int = 0  # --quantkv: 0 f16, 1 q8_0, 2 q4_0 (K and V; V quantized needs flash attention)
+    smartcache: int = 0  # conversations kept in host memory when their slot is taken over (0: off)
+    smartcache_mb: int = 1024  # and at most this many MiB of them
+    fast_first_token: bool = False  # decode the last prompt token with the prompt (faster, not reproducible)
+    prompt_lookup: int = 0  # > 0: draft this many tokens from earlier context for greedy requests (speculative)
 
 
 KV_TYPES = {0: ("f16", L.GGML_TYPE_F16), 1: ("q8_0", L.GGML_TYPE_Q8_0), 2: ("q4_0", L.GGML_TYPE_Q4_0)}
@@ -257,11 +261,20 @@ class _Slot:
         self.encode_time = 0.0
         self.bans: Dict[int, set] = {}  # generated position -> tokens banned there (phrase bans)
         self.backtracks = 0
+        self.donor: Optional["_Slot"] = None  # a slot whose prefill this one waits for, to copy its cache
+        self.donor_job: Optional[Job] = None
+        self.donate_n = 0
+        self.token_lps: List[float] = []  # GenRequest.score: each generated token's log-probability
+        self.beams: Optional[List[_Beam]] = None  # beam search, on the job's first slot
+        self.helpers: List["_Slot"] = []  # the job's other slots (one sequence per beam)
+        self.beam_of: Optional["_Slot"] = None  # on a helper: the slot driving its beam search
+        self.finished_beams: List[tuple] = []  # (normalised score, raw score, tokens, text)
+        self.draft: List[int] = []  # --promptlookup: draft tokens in the current decode
 
     @property
     def prefilling(self) -> bool:
         """Prompt tokens before the last one still to decode (the last is decoded with the generated ones)."""
-        return self.job is not None and self.n_prompt_done < len(self.prompt) - 1
+        return self.job is not None and self.donor is None and self.n_prompt_done < len(self.prompt) - 1
 
     @property
     def ready(self) -> bool:
@@ -270,6 +283,22 @@ class _Slot:
             return False
         i = self.n_prompt_done
         return self.cur_media is not None or i not in self.media or i in self.embd
+
+
+@dataclass
+class _Beam:
+    slot: "_Slot"
+    tokens: List[int]
+    score: float  # summed log-probability
+    next_tok: int  # to decode at this beam's next step
+
+
+@dataclass
+class _Saved:
+    """A sequence's KV state kept in host memory (SmartCache)."""
+    tokens: List[int]
+    data: bytes
+    used: float
 
 
 class Engine:
@@ -368,6 +397,10 @@ class Engine:
         self.total_eval_time = 0.0
         self.last_result: Optional[Result] = None
         self.last_genkey = ""
+        # tokens decoded from prompts, copied between slots, restored from the SmartCache (tests and /perf)
+        self.counters = {"prompt_decoded": 0, "prompt_copied": 0, "prompt_restored": 0, "saved": 0, "restored": 0,
+                         "decodes": 0, "drafted": 0, "draft_accepted": 0}
+        self._saved: List[_Saved] = []  # SmartCache, engine thread only
 
         self._thread = gbnf.start_thread(self._loop, "engine")  # llama.cpp's grammar matching recurses
         self._encoder = None
@@ -404,6 +437,13 @@ class Engine:
                 raise InvalidRequest(f"LoRA adapter id {i!r} does not exist (this model has {len(self.loras)})")
             if not (isinstance(sc, (int, float)) and -100.0 <= sc <= 100.0):
                 raise InvalidRequest(f"LoRA scale {sc!r} must be a number between -100 and 100")
+        if req.beams > self.n_slots:
+            raise InvalidRequest(f"beam search of width {req.beams} needs as many parallel slots; this server has "
+                                 f"{self.n_slots} (--parallelrequests)")
+        if req.beams and (req.sampling.grammar or req.banned_phrases):
+            raise InvalidRequest("beam search cannot be combined with a grammar or banned phrases")
+        if req.beams < 0 or req.beams > 32:
+            raise InvalidRequest("the beam width must be between 1 and 32")
         if req.sampling.grammar:
             self.check_grammar(req.sampling.grammar)
         if req.media:
@@ -815,6 +855,8 @@ class Engine:
             free = [s for s in self.slots if s.job is None]
             if not free:
                 return
+            if len(free) < max(1, self._waiting[0].request.beams) and not self._waiting[0].aborted.is_set():
+                return  # a beam search waits for its slots (first come, first served)
             job = self._waiting.pop(0)
             if job.aborted.is_set():
                 job.finish(self._result_for_unstarted(job))
@@ -831,6 +873,8 @@ class Engine:
             self._running.append(job)
             try:
                 self._start(slot, job, prompt, max_new, chunks)
+                if job.request.beams:
+                    self._start_beams(slot, [s for s in free if s is not slot][:job.request.beams - 1])
             except Exception as e:
                 self._running.remove(job)
                 slot.job = None
@@ -948,6 +992,11 @@ class Engine:
         if keep >= len(prompt):
             keep = len(prompt) - 1  # re-decode the last prompt token to get fresh logits
         keep = _snap(prompt, keep)
+        if self.cfg.fastforward and not chunks:  # (prompts with media reuse only their own slot's cache)
+            keep = self._borrow(slot, prompt, keep)
+        if slot.donor is not None:  # the cache comes from another slot at the next step
+            job.started.set()
+            return
         # Entries moved by ContextShift differ slightly from freshly computed ones. The request that shifts uses
         # them, and so may a request at the context's edge (the next turn of a long chat); any other request
         # reprocesses from the first moved entry, so it gets exactly a cold run's text (README, "Reproducible").
@@ -962,6 +1011,7 @@ class Engine:
         elif slot.shifted_at is not None and keep > slot.shifted_at and not at_edge:
             keep = _snap(prompt, slot.shifted_at)
         if keep < len(slot.cache):
+            self._save(slot, keep)
             gap = self._gap(slot.cache, keep)
             if not L.llama_memory_seq_rm(self.mem, slot.seq, keep - gap, -1):
                 L.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
@@ -1005,6 +1055,252 @@ class Engine:
             raise RuntimeError("llama.cpp refused the LoRA adapter set")
         self._lora_set = scales
 
+    # ---------- prefixes held elsewhere: other slots (copied) and the SmartCache (restored) ----------
+
+    _MIN_BORROW = 16  # tokens a copy or a restore must gain over the slot's own cache
+    _MIN_SAVE = 64  # tokens a slot must be about to lose for the SmartCache to keep them
+
+    def _borrow(self, slot: _Slot, prompt: List[int], keep: int) -> int:
+        """A longer prefix of `prompt` held elsewhere than in `slot`'s own cache: another slot's cache (copied with
+        llama_memory_seq_cp at the next step, after waiting for that slot's prefill when it is still processing
+        the same prompt: the n choices of one request), or a SmartCache entry restored into `slot` now.
+        -> the tokens of `slot`'s cache kept (0 while a copy is pending). Off with LoRA adapters loaded: a cache
+        is only valid under the adapter set it was computed with."""
+        if self.loras:
+            return keep
+        limit = len(prompt) - 1
+        best, best_n = None, keep + self._MIN_BORROW - 1
+        for d in self.slots:
+            if d is slot or d.donor is not None:
+                continue
+            n = self._common_prefix(d.cache, prompt)
+            if d.prefilling:
+                n = max(n, self._common_prefix(d.prompt, prompt))
+            n = min(n, limit, d.shifted_at if d.shifted_at is not None else n)
+            if n > best_n:
+                best, best_n = d, n
+        entry = None
+        for e in self._saved:
+            n = min(self._common_prefix(e.tokens, prompt), limit)
+            if n > best_n:
+                entry, best_n = e, n
+        if best is None and entry is None:
+            return keep
+        self._save(slot, 0)
+        L.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+        slot.cache, slot.shifted_at, slot.pos_gap = [], None, 0
+        if entry is not None:
+            return self._restore(slot, entry, best_n)
+        slot.donor, slot.donor_job, slot.donate_n = best, best.job, best_n
+        return 0
+
+    def _take_donation(self, s: _Slot):
+        """Copy the donor's cache into `s` once it holds the promised prefix (engine thread, at the top of a step:
+        the copy itself happens at the next llama_decode, which this step always makes)."""
+        d = s.donor
+        if d.job is not None and d.job is s.donor_job and d.prefilling and d.n_prompt_done < s.donate_n:
+            return  # still prefilling: wait
+        n = min(s.donate_n, self._common_prefix(d.cache, s.prompt))
+        if d.shifted_at is not None:
+            n = min(n, d.shifted_at)
+        s.donor = s.donor_job = None
+        if n >= self._MIN_BORROW:
+            L.llama_memory_seq_rm(self.mem, s.seq, -1, -1)
+            L.llama_memory_seq_cp(self.mem, d.seq, s.seq, -1, -1)  # whole sequences only across streams
+            L.llama_memory_seq_rm(self.mem, s.seq, n, -1)  # (the prefix holds no media: no position gap)
+            s.cache, s.pos_gap = d.cache[:n], 0
+            self.counters["prompt_copied"] += n
+        else:
+            n = 0
+        s.n_prompt_done = s.cached = n
+
+    def _save(self, slot: _Slot, keep: int):
+        """Keep the slot's cache in host memory before it loses the tokens from `keep` on (SmartCache)."""
+        if not self.cfg.smartcache or self.loras or len(slot.cache) - keep < self._MIN_SAVE \
+                or slot.shifted_at is not None or slot.pos_gap or any(t < 0 for t in slot.cache):  # (media: no)
+            return
+        cap = self.cfg.smartcache_mb * 1024 * 1024
+        size = L.llama_state_seq_get_size(self.ctx, slot.seq)
+        if not size or size > cap:
+            return
+        buf = (ctypes.c_uint8 * size)()
+        n = L.llama_state_seq_get_data(self.ctx, buf, size, slot.seq)
+        if not n:
+            return
+        if n < size:
+            buf = (ctypes.c_uint8 * n).from_buffer_copy(buf)
+        tokens = list(slot.cache)
+        # an entry that is a prefix of this one is superseded by it
+        self._saved = [e for e in self._saved if self._common_prefix(e.tokens, tokens) < len(e.tokens)]
+        self._saved.append(_Saved(tokens, buf, time.monotonic()))
+        self.counters["saved"] += 1
+        self._saved.sort(key=lambda e: e.used)
+        while len(self._saved) > self.cfg.smartcache or self.smartcache_bytes() > cap:
+            self._saved.pop(0)
+
+    def _restore(self, slot: _Slot, e: _Saved, n: int) -> int:
+        self._saved.remove(e)
+        if not L.llama_state_seq_set_data(self.ctx, e.data, len(e.data), slot.seq):
+            L.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+            return 0
+        slot.cache = list(e.tokens)
+        self.counters["restored"] += 1
+        self.counters["prompt_restored"] += n
+        if not self.cfg.quiet:
+            print(f"[SmartCache: restored {len(e.tokens)} tokens, {n} reused]", flush=True)
+        return n
+
+    def smartcache_bytes(self) -> int:
+        return sum(len(e.data) for e in self._saved)
+
+    # ---------- prompt-lookup speculative decoding (--promptlookup N) ----------
+
+    def _draft(self, s: _Slot, room: int) -> List[int]:
+        """Up to N tokens that followed the latest earlier occurrence of the context's last 3 (else 2) tokens: a
+        guess, checked in the same decode. Greedy requests only, so the text is what plain decoding gives."""
+        if not self.cfg.prompt_lookup:
+            return []
+        k = min(self.cfg.prompt_lookup, room, s.max_new - len(s.generated) - 1, self.n_ctx - len(s.cache) - 2)
+        req = s.job.request
+        if k < 1 or not s.sampler or not s.sampler.greedy or req.banned_phrases or req.sampling.grammar or s.beams:
+            return []
+        ctx = np.asarray(s.prompt + s.generated, dtype=np.int64)
+        for size in (3, 2):
+            if len(ctx) <= size:
+                continue
+            key = ctx[-size:]
+            hits = np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(ctx[:-1], size) == key, axis=1))
+            if len(hits):
+                start = int(hits[-1]) + size
+                out = []
+                for t in ctx[start:start + k]:
+                    if t < 0:  # never a non-token id (media stand-ins on the multimodal branch)
+                        break
+                    out.append(int(t))
+                return out
+        return []
+
+    def _sample_draft(self, s: _Slot, idx: int):
+        """Sample the rows of a decoded draft in order while each sampled token is the next draft token; the cache
+        entries after the first miss are dropped."""
+        draft, s.draft = s.draft, []
+        base = len(s.cache) - len(draft)  # position of the first draft token
+        self.counters["drafted"] += len(draft)
+        for i in range(len(draft) + 1):
+            self._sample(s, idx + i)
+            if s.job is None:
+                return  # finished: entries past the end are valid KV for the tokens they hold
+            if i < len(draft) and s.pending == draft[i]:
+                s.pending = None  # already in the cache
+                self.counters["draft_accepted"] += 1
+                continue
+            if base + i < len(s.cache):
+                L.llama_memory_seq_rm(self.mem, s.seq, base + i - s.pos_gap, -1)
+                del s.cache[base + i:]
+            return
+
+    # ---------- beam search ----------
+
+    def _start_beams(self, slot: _Slot, helpers: List[_Slot]):
+        """The job's first slot prefills the prompt; its helpers hold the other beams' sequences (copies)."""
+        for h in helpers:
+            h.reset_job()
+            h.job, h.beam_of = slot.job, slot
+            self._save(h, 0)
+        slot.helpers = helpers
+        slot.beams = [_Beam(slot, [], 0.0, slot.prompt[-1])]
+
+    def _log_softmax(self, idx: int) -> np.ndarray:
+        ptr = L.llama_get_logits_ith(self.ctx, idx)
+        x = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
+        m = x.max()
+        return x - (m + np.log(np.exp(x - m).sum()))
+
+    def _beam_select(self, s: _Slot, rows: list):
+        """One step of beam search: every beam's best continuations ranked by summed log-probability; an
+        end-of-generation token or a stop string finishes a hypothesis (scored by length ** length_penalty);
+        the best `beams` others continue, forking sequences (llama_memory_seq_cp) where a beam has several."""
+        job = s.job
+        req = job.request
+        width = req.beams
+        if not s.t_first:
+            s.t_first = time.monotonic()
+        eog = self.eog_ids if req.sampling.ban_eos else []
+        cands = []
+        for beam, idx in rows:
+            lp = self._log_softmax(idx)
+            if eog:
+                lp[eog] = -np.inf
+            k = min(2 * width, self.n_vocab)
+            top = np.argpartition(-lp, k - 1)[:k]
+            for t in top:
+                if np.isfinite(lp[t]):
+                    cands.append((beam.score + float(lp[t]), beam, int(t)))
+        cands.sort(key=lambda c: -c[0])
+        cur_len = len(s.beams[0].tokens) + 1
+        alive = []
+        for score, beam, t in cands:
+            toks = beam.tokens + [t]
+            if L.llama_vocab_is_eog(self.vocab, t) and not req.bypass_eos:
+                self._beam_done(s, toks, score, 1)
+            else:
+                text = self.detokenize(toks, req.render_special)
+                if req.stop and any(x in text for x in req.stop):
+                    self._beam_done(s, toks, score, 2)
+                else:
+                    alive.append((score, beam, t))
+            if len(alive) == width:
+                break
+        penalty = max(cur_len, 1) ** req.length_penalty
+        out_of_room = cur_len >= s.max_new or len(s.prompt) + cur_len + 1 >= self.n_ctx
+        full = len(s.finished_beams) >= width
+        if out_of_room or not alive or (full and (req.early_stopping or
+                                                  s.finished_beams[width - 1][0] >= alive[0][0] / penalty)):
+            if out_of_room:
+                for score, beam, t in alive:
+                    self._beam_done(s, beam.tokens + [t], score, 0)
+            self._beam_finish(s)
+            return
+        # sequences: a beam's first child keeps its parent's sequence, other children get copies
+        parents = {id(beam) for _, beam, _ in alive}
+        spare = [b.slot for b in s.beams if id(b) not in parents]
+        spare += [h for h in s.helpers if all(b.slot is not h for b in s.beams)]
+        used, beams = set(), []
+        for score, beam, t in alive:
+            if id(beam) not in used:
+                used.add(id(beam))
+                slot = beam.slot
+            else:
+                slot = spare.pop()
+                L.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+                L.llama_memory_seq_cp(self.mem, beam.slot.seq, slot.seq, -1, -1)  # done at the next decode
+                slot.cache, slot.pos_gap = list(beam.slot.cache), beam.slot.pos_gap
+            beams.append(_Beam(slot, beam.tokens + [t], score, t))
+        s.beams = beams
+
+    def _beam_done(self, s: _Slot, toks: List[int], score: float, why: int):
+        n = len(toks)
+        s.finished_beams.append((score / max(n, 1) ** s.job.request.length_penalty, score, toks, why))
+        s.finished_beams.sort(key=lambda f: -f[0])
+        del s.finished_beams[s.job.request.beams:]
+
+    def _beam_finish(self, s: _Slot):
+        req = s.job.request
+        _, score, toks, why = s.finished_beams[0]
+        s.generated = list(toks)
+        s.token_lps = [score]  # Result.logprob_sum: the hypothesis' summed log-probability
+        text = ""
+        for t in toks:
+            eog = L.llama_vocab_is_eog(self.vocab, t)
+            piece = b"" if (eog and not req.render_special) else self.tok.piece(t, req.render_special)
+            got, stopped = s.stream.feed(piece)
+            text += got
+            if stopped:
+                break
+        text += s.stream.flush()
+        s.job.emit_text(text)
+        self._finish(s, "length" if why == 0 else "stop", why)
+
     def _new_chain(self, slot: _Slot) -> SamplerChain:
         req = slot.job.request
         banned_now = (lambda: slot.bans.get(len(slot.generated))) if req.banned_phrases else None
@@ -1030,6 +1326,7 @@ class Engine:
         kept = s.generated[:k]
         s.generated = kept
         del s.logprobs[k:]
+        del s.token_lps[k:]
         s.stream = TextStream(req.stop, req.trim_stop, req.banned_phrases)
         for t in kept:
             s.stream.feed(self.tok.piece(t, req.render_special))
@@ -1077,38 +1374,77 @@ class Engine:
 
         Rows of the same kind are never mixed (llama.cpp's CPU kernels compute a row slightly differently depending
         on the batch around it): decode rows share small batches, and each prompt is prefilled alone in chunks
-        aligned to fixed positions, so a request gives the same text whether it runs alone or beside others."""
-        ready = []  # (slot, token) to decode this step
+        aligned to fixed positions, so a request gives the same text whether it runs alone or beside others.
+        Slots under different LoRA adapter sets are decoded in separate batches."""
         for s in self.slots:
-            if s.job is None:
+            if s.job is not None and s.donor is not None:
+                self._take_donation(s)
+        entries = []  # (LoRA set, slot, token or None for a beam search)
+        for s in self.slots:
+            if s.job is None or s.beam_of is not None:
                 continue
             if s.job.aborted.is_set():
                 self._finish(s, "abort", -1)
+                continue
+            if s.beams is not None:
+                if s.n_prompt_done == len(s.prompt) - 1:  # the last prompt token starts the search
+                    s.n_prompt_done += 1
+                    self.counters["prompt_decoded"] += 1
+                elif s.n_prompt_done < len(s.prompt) - 1:
+                    continue
+                entries.append((s.lora, s, None))
                 continue
             if s.pending is not None:
                 tok, s.pending = s.pending, None
             elif s.n_prompt_done == len(s.prompt) - 1:
                 tok = s.prompt[-1]  # the last prompt token gives the first logits, decoded like a generated one
                 s.n_prompt_done += 1
+                self.counters["prompt_decoded"] += 1
             else:
                 continue
-            ready.append((s, tok))
+            entries.append((s.lora, s, tok))
         b = self.batch
-        groups: Dict[tuple, list] = {}  # slots under different LoRA sets are never decoded together
-        for s, tok in ready:
-            groups.setdefault(s.lora, []).append((s, tok))
+        groups: Dict[tuple, list] = {}
+        for scales, s, tok in entries:
+            groups.setdefault(scales, []).append((s, tok))
+        decoded = False
         for scales, members in groups.items():
             if self.loras:
                 self._use_lora(scales)
+            n = 0
             rows = []  # (slot, batch index) to sample after the decode
-            for n, (s, tok) in enumerate(members):
+            beam_rows = []  # (main slot, [(beam, batch index)])
+            for s, tok in members:
+                if tok is None:
+                    mine = []
+                    for beam in s.beams:
+                        self._put(b, n, beam.next_tok, len(beam.slot.cache) - beam.slot.pos_gap, beam.slot.seq,
+                                  True)
+                        beam.slot.cache.append(beam.next_tok)
+                        mine.append((beam, n))
+                        n += 1
+                    beam_rows.append((s, mine))
+                    continue
                 self._put(b, n, tok, len(s.cache) - s.pos_gap, s.seq, True)
                 s.cache.append(tok)
                 rows.append((s, n))
-            if rows and self._decode(len(rows)):
+                n += 1
+                s.draft = self._draft(s, self.n_batch - n - self.n_slots)
+                for d in s.draft:  # verified in this same decode
+                    self._put(b, n, d, len(s.cache) - s.pos_gap, s.seq, True)
+                    s.cache.append(d)
+                    n += 1
+            decoded = decoded or n > 0
+            if n and self._decode(n):
                 for s, idx in rows:
                     if s.job is not None:
-                        self._sample(s, idx)
+                        if s.draft:
+                            self._sample_draft(s, idx)
+                        else:
+                            self._sample(s, idx)
+                for s, mine in beam_rows:
+                    if s.job is not None:
+                        self._beam_select(s, mine)
         waiting = [s for s in self.slots if s.ready]
         if waiting:
             s = min(waiting, key=lambda x: x.job.submitted)
@@ -1126,8 +1462,20 @@ class Engine:
                 self._put(b, i, t, len(s.cache) - s.pos_gap, s.seq, False)
                 s.cache.append(t)
             s.n_prompt_done = end
-            self._decode(end - start)
-        return bool(ready or waiting)
+            self.counters["prompt_decoded"] += end - start
+            cnt = end - start
+            # --fastfirsttoken: the last prompt token rides with the final chunk (one decode fewer before the first
+            # token; its logits then depend on the chunk, so the text may differ from a cached or batched run)
+            last = self.cfg.fast_first_token and end == len(s.prompt) - 1 and cnt < self.n_batch and s.beams is None
+            if last:
+                self._put(b, cnt, s.prompt[-1], len(s.cache) - s.pos_gap, s.seq, True)
+                s.cache.append(s.prompt[-1])
+                s.n_prompt_done += 1
+                self.counters["prompt_decoded"] += 1
+                cnt += 1
+            if self._decode(cnt) and last and s.job is not None:
+                self._sample(s, cnt - 1)
+        return bool(decoded or waiting)
 
     def _decode_media(self, s: _Slot):
         """Decode a media chunk's encoded embeddings into the slot's own sequence. Causal chunks go n_batch
@@ -1215,6 +1563,7 @@ class Engine:
 
     def _decode(self, n: int) -> bool:
         self.batch.n_tokens = n
+        self.counters["decodes"] += 1
         rc = L.llama_decode(self.ctx, self.batch)
         if rc == 0:
             return True
@@ -1249,6 +1598,8 @@ class Engine:
             self._finish(s, "stop", 1)
             return
         lp = self._logprob(idx, tok, req.top_logprobs) if req.logprobs else None
+        if req.score:
+            s.token_lps.append((lp or self._logprob(idx, tok, 0)).logprob)
         s.generated.append(tok)
         is_eog = L.llama_vocab_is_eog(self.vocab, tok)
         if is_eog and not req.bypass_eos:
@@ -1297,7 +1648,7 @@ class Engine:
 
     def _finish(self, s: _Slot, reason: str, stop_reason: int, error: Optional[str] = None):
         job = s.job
-        if job is None:
+        if job is None or s.beam_of is not None:  # a beam search ends through its first slot
             return
         now = time.monotonic()
         t_first = s.t_first or now
@@ -1317,9 +1668,14 @@ class Engine:
             process_time=t_first - s.t_start,
             eval_time=now - t_first,
             error=error,
+            logprob_sum=float(sum(s.token_lps)) if (job.request.score or job.request.beams) else None,
         )
         if s.sampler:
             s.sampler.close()
+        for h in s.helpers:
+            h.job = None
+            h.last_used = now
+            h.reset_job()
         s.job = None
         s.last_used = now
         s.reset_job()

@@ -81,6 +81,10 @@ class GenRequest:
     top_logprobs: int = 5  # alternatives per token when logprobs is on (0-20)
     genkey: str = ""
     add_bos: bool = True
+    score: bool = False  # sum each generated token's log-probability into Result.logprob_sum (best_of)
+    beams: int = 0  # > 0: beam search of this width (deterministic; sampling settings unused), on forked slots
+    length_penalty: float = 1.0  # beam score = summed logprob / length ** length_penalty
+    early_stopping: bool = False  # stop once `beams` hypotheses have finished
     tokenize_special: bool = True  # parse special-token text (e.g. "<start_of_turn>") in the prompt
     media: List[Media] = field(default_factory=list)  # one per MEDIA_MARKER in memory + prompt, in order
     lora: Optional[Dict[int, float]] = None  # LoRA adapter index -> scale for this request (others: their default)
@@ -111,6 +115,11 @@ class Result:
     process_time: float = 0.0  # seconds spent on the prompt
     eval_time: float = 0.0  # seconds spent generating
     error: Optional[str] = None
+    logprob_sum: Optional[float] = None  # GenRequest.score: the generated tokens' summed log-probability
+
+    @property
+    def mean_logprob(self) -> float:
+        return (self.logprob_sum or 0.0) / max(1, self.completion_tokens)
 
 
 @dataclass
