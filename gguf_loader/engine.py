@@ -561,7 +561,7 @@ class Engine:
                 return self._progress_of(s)
         return None
 
-    def counters(self) -> dict:
+    def totals(self) -> dict:
         """Totals since start, for /metrics."""
         with self._lock:
             busy = len(self._running)

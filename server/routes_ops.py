@@ -142,7 +142,7 @@ def metrics_text(server) -> bytes:
     state = server.state
     engine = state.current_engine() if state is not None else None
     if engine is not None:
-        c = engine.counters()
+        c = engine.totals()
         d.metric("kcpp_prompt_tokens_total", "counter", "Prompt tokens processed (cached tokens excluded).",
                  c["prompt_tokens"])
         d.metric("kcpp_generated_tokens_total", "counter", "Tokens generated.", c["generated_tokens"])

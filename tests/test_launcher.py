@@ -34,7 +34,7 @@ TAB_SHOTS = {"Quick Launch": "quick_launch", "Hardware": "hardware", "Network": 
              "Models": "models"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # Tk keeps its X connection: stopping the display mid-session kills the process
 def display(tmp_path_factory):
     """A private X display, and a private GSettings store so the system light/dark setting is ours to flip."""
     saved = {k: os.environ.get(k) for k in ("DISPLAY", "XDG_CONFIG_HOME", "GSETTINGS_BACKEND")}

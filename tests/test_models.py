@@ -253,7 +253,9 @@ def test_a_stream_waiting_for_its_model_gets_keep_alives(server):
     complete(server, G, n=1)
     assert wait_states(server, {S: "unloaded"})[S] == "unloaded"
     # make loading slow enough to see: a long generation on Gemma holds the switch until it ends
-    hold = threading.Thread(target=complete, args=(server, G), kwargs={"n": 60, "prompt": "Once"})
+    # (300 tokens with the end of text ignored: several seconds even on a quiet machine, past the 2 s keep-alive)
+    hold = threading.Thread(target=complete, args=(server, G), kwargs={"n": 300, "prompt": "Once",
+                                                                      "bypass_eos": True})
     hold.start()
     time.sleep(1.0)
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
