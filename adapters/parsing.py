@@ -172,9 +172,19 @@ class _Scan:
     def _out(self, c: str):
         (self.string_raw if self.args_string else self.parts).append(c)
 
+    @staticmethod
+    def _string(raw: str) -> str:
+        try:
+            v = json.loads(raw, strict=False)  # models do write raw control characters inside strings
+        except ValueError:
+            raise _Fail()
+        if not isinstance(v, str):
+            raise _Fail()
+        return v
+
     def _end_value(self, text: str, end: int):
         if self.mode == "object" and self.key in NAME_KEYS and self.kind == "string":
-            self.name = json.loads(text[self.tok_start:end])
+            self.name = self._string(text[self.tok_start:end])
         self.cap, self.kind = False, None
         if self.mode == "args":
             self.done = True
@@ -198,7 +208,7 @@ class _Scan:
                     self.in_str = False
                     if self.depth == self.base:
                         if self.expect == "key_str":
-                            self.key, self.expect = json.loads(text[self.tok_start:i + 1]), "colon"
+                            self.key, self.expect = self._string(text[self.tok_start:i + 1]), "colon"
                         elif self.kind == "string":
                             self._end_value(text, i + 1)
                             if self.done:
@@ -274,7 +284,7 @@ class _Scan:
         if not self.args_string:
             return None
         try:
-            v = json.loads("".join(self.string_raw))
+            v = json.loads("".join(self.string_raw), strict=False)
         except ValueError:
             raise _Fail()
         return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)

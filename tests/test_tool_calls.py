@@ -108,6 +108,15 @@ def test_malformed_calls_are_content(text):
         assert msg.tool_calls == [] and msg.content == "Sure. " + text
 
 
+def test_control_characters_and_odd_escapes_never_raise():
+    """Found by fuzzing: a raw control character inside the name made the parser raise (a 500)."""
+    for text in ('{"na\x01me": "f", "arguments": {}}', '{"name": "f\x01x", "arguments": {"a": "b\x02"}}',
+                 '{"name": "\\u12", "arguments": {}}', '{"name": "\\ud800", "arguments": "\\x"}'):
+        for sizes in ([len(text)], [1]):
+            _, msg, _ = feed(OutputSpec(tool_format="json"), text, sizes)
+            assert msg.tool_calls or msg.content == text
+
+
 def test_text_around_calls_and_a_call_then_text():
     text = 'Checking.<tool_call>{"name": "f", "arguments": {}}</tool_call> Done.'
     _, msg, _ = feed(OutputSpec(tool_format="hermes"), text, [1])
