@@ -91,6 +91,22 @@ def _media_ident(t: int) -> int:
     return (-t - 1) >> _MEDIA_BITS
 
 
+def _pooled(ctx, mem, batch, toks: List[int]):
+    """Decode one whole input as sequence 0 of a pooled-output context (emptied first); -> the pointer to its
+    pooled output (NULL when the model gave none), or None when llama.cpp refused the decode."""
+    L.llama_memory_clear(mem, True)
+    batch.n_tokens = len(toks)
+    for i, t in enumerate(toks):
+        batch.token[i] = int(t)
+        batch.pos[i] = i
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = 0
+        batch.logits[i] = 1
+    if L.llama_decode(ctx, batch) != 0:
+        return None
+    return L.llama_get_embeddings_seq(ctx, 0)
+
+
 _backend_lock = threading.Lock()
 _backend_ready = False
 _LOG_CB = None
@@ -639,6 +655,18 @@ class Engine:
         if self.cfg.embedding_model_path:
             self._embed_model = _load_model(self.cfg.embedding_model_path, self.cfg.n_gpu_layers, self.cfg.use_mmap, False)
             model = self._embed_model
+        self.embed_pooling = _pooling_of(_meta(model))
+        ctx, n_ctx = self._pooled_ctx(model, POOLING[self.embed_pooling])
+        if not ctx:
+            raise ModelLoadError("llama.cpp could not create an embeddings context")
+        self._embed_ctx = ctx
+        self._embed_vocab = _Vocab(model)
+        self._embed_nctx = n_ctx
+        self._embed_dim = L.llama_model_n_embd(model)
+
+    def _pooled_ctx(self, model, pooling: int) -> tuple:
+        """A one-sequence context whose output is the pooled vector of a whole input (embeddings, reranking).
+        -> (context or None, its size in tokens)"""
         n_train = L.llama_model_n_ctx_train(model)
         cp = L.llama_context_default_params()
         cp.n_ctx = min(self.n_ctx, n_train) if n_train > 0 else self.n_ctx
@@ -648,16 +676,9 @@ class Engine:
         cp.n_threads = self.cfg.n_threads
         cp.n_threads_batch = self.cfg.n_threads
         cp.embeddings = True
-        self.embed_pooling = _pooling_of(_meta(model))
-        cp.pooling_type = POOLING[self.embed_pooling]
+        cp.pooling_type = pooling
         cp.no_perf = True
-        ctx = L.llama_init_from_model(model, cp)
-        if not ctx:
-            raise ModelLoadError("llama.cpp could not create an embeddings context")
-        self._embed_ctx = ctx
-        self._embed_vocab = _Vocab(model)
-        self._embed_nctx = cp.n_ctx
-        self._embed_dim = L.llama_model_n_embd(model)
+        return L.llama_init_from_model(model, cp), cp.n_ctx
 
     def embed(self, inputs: List[List[int]]) -> List[List[float]]:
         """One L2-normalised vector per token list, pooled as the model says (embed_pooling); lists longer than
@@ -676,18 +697,9 @@ class Engine:
             batch = L.llama_batch_init(self._embed_nctx, 0, 1)
             try:
                 for toks in inputs:
-                    toks = list(toks)[: self._embed_nctx] or [0]
-                    L.llama_memory_clear(mem, True)
-                    batch.n_tokens = len(toks)
-                    for i, t in enumerate(toks):
-                        batch.token[i] = int(t)
-                        batch.pos[i] = i
-                        batch.n_seq_id[i] = 1
-                        batch.seq_id[i][0] = 0
-                        batch.logits[i] = 1
-                    if L.llama_decode(ctx, batch) != 0:
+                    ptr = _pooled(ctx, mem, batch, list(toks)[: self._embed_nctx] or [0])
+                    if ptr is None:
                         raise RuntimeError("llama.cpp failed to compute the embedding")
-                    ptr = L.llama_get_embeddings_seq(ctx, 0)
                     v = np.array(np.ctypeslib.as_array(ptr, shape=(self._embed_dim,)), dtype=np.float64)
                     n = np.linalg.norm(v)
                     out.append((v / n if n > 0 else v).tolist())
@@ -750,24 +762,13 @@ class Engine:
             L.llama_model_free(model)
             raise ModelLoadError(f"{self.cfg.rerank_model_path} is not a reranker: its GGUF does not declare rank "
                                  f"pooling (use a reranker such as bge-reranker-v2-m3 or Qwen3-Reranker)")
-        n_train = L.llama_model_n_ctx_train(model)
-        cp = L.llama_context_default_params()
-        cp.n_ctx = min(self.n_ctx, n_train) if n_train > 0 else self.n_ctx
-        cp.n_batch = cp.n_ctx
-        cp.n_ubatch = cp.n_ctx
-        cp.n_seq_max = 1
-        cp.n_threads = self.cfg.n_threads
-        cp.n_threads_batch = self.cfg.n_threads
-        cp.embeddings = True
-        cp.pooling_type = L.LLAMA_POOLING_TYPE_RANK
-        cp.no_perf = True
-        ctx = L.llama_init_from_model(model, cp)
+        ctx, n_ctx = self._pooled_ctx(model, L.LLAMA_POOLING_TYPE_RANK)
         if not ctx:
             L.llama_model_free(model)
             raise ModelLoadError("llama.cpp could not create a reranking context")
         self._rank_model, self._rank_ctx = model, ctx
         self._rank_vocab = _Vocab(model)
-        self._rank_nctx = cp.n_ctx
+        self._rank_nctx = n_ctx
         self._rank_nout = max(1, L.llama_model_n_cls_out(model))
         self._rank_template = meta.get("tokenizer.chat_template.rerank")
 
@@ -803,17 +804,9 @@ class Engine:
                 for doc in documents:
                     toks = self._rank_tokens(query, doc)[: self._rank_nctx] or [0]
                     n_tok += len(toks)
-                    L.llama_memory_clear(mem, True)
-                    batch.n_tokens = len(toks)
-                    for i, t in enumerate(toks):
-                        batch.token[i] = int(t)
-                        batch.pos[i] = i
-                        batch.n_seq_id[i] = 1
-                        batch.seq_id[i][0] = 0
-                        batch.logits[i] = 1
-                    if L.llama_decode(ctx, batch) != 0:
+                    ptr = _pooled(ctx, mem, batch, toks)
+                    if ptr is None:
                         raise RuntimeError("llama.cpp failed to score a document")
-                    ptr = L.llama_get_embeddings_seq(ctx, 0)
                     if not ptr:
                         raise RuntimeError("the reranking model gave no score (is it a reranker?)")
                     scores.append(float(ptr[0]))
