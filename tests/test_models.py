@@ -8,8 +8,7 @@ import time
 
 import pytest
 
-from tests.support import ServerProcess, bundled_model_path, http
-from tests.test_smollm2 import smollm2_path
+from tests.support import ServerProcess, bundled_model_path, http, smollm2_model_path
 from tests.tinymodel import write_broken_models
 
 G, S = "koboldcpp/gemma", "koboldcpp/smol"
@@ -23,7 +22,7 @@ def modeldir(tmp_path_factory):
     import numpy as np
     d = tmp_path_factory.mktemp("models")
     os.symlink(bundled_model_path(), d / "gemma.gguf")
-    os.symlink(smollm2_path(), d / "smol.gguf")
+    os.symlink(smollm2_model_path(), d / "smol.gguf")
     broken = write_broken_models(tmp_path_factory.mktemp("broken"))
     os.symlink(broken["not_gguf"], d / "broken.gguf")
     # a GGUF whose header reads fine but whose architecture llama.cpp does not know: fails inside llama.cpp

@@ -4,16 +4,15 @@ import os
 
 import pytest
 
-from tests.support import ServerProcess, bundled_model_path, http
+from tests.support import ServerProcess, bundled_model_path, http, smollm2_model_path
 from tests.test_klite import browser, open_page, server, set_settings, tid, wait_idle_page  # noqa: F401
-from tests.test_smollm2 import smollm2_path
 
 
 @pytest.fixture(scope="module")
 def two_models(tmp_path_factory):
     d = tmp_path_factory.mktemp("picker")
     os.symlink(bundled_model_path(), d / "gemma.gguf")
-    os.symlink(smollm2_path(), d / "smol.gguf")
+    os.symlink(smollm2_model_path(), d / "smol.gguf")
     with ServerProcess(None, "--model", str(d / "gemma.gguf"), "--modeldir", str(d), "--contextsize", "512") as s:
         yield s
 

