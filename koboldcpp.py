@@ -403,15 +403,16 @@ def _parse_loras(items):
     return out
 
 
-def _check_model(args, spec, embeddings_path):
-    """Read a model's GGUF header (and its own settings) before anything is unloaded for it; raises."""
+def _check_model(args, spec):
+    """Read a model's GGUF header (and its own settings) before anything is unloaded for it; raises.
+    -> (its settings, its GGUF path, what the header says)"""
     import gguf_loader
     margs, path = _model_args(args, spec)
-    gguf_loader.inspect(path)
+    info = gguf_loader.inspect(path)
     _parse_loras(margs.lora)
     if margs.quantkv and not margs.flashattention:
         raise ArgError(_QUANTKV_NEEDS_FA)
-    return margs, path
+    return margs, path, info
 
 
 _QUANTKV_NEEDS_FA = "--quantkv 1 and 2 quantize the V cache, which llama.cpp allows only with --flashattention"
@@ -420,13 +421,11 @@ _QUANTKV_NEEDS_FA = "--quantkv 1 and 2 quantize the V cache, which llama.cpp all
 def _load_served(args, spec, embeddings_path, max_queue, threads, own_mmproj: bool, on_progress=None):
     """Build one offered model: engine + chat context + native defaults (the ModelManager's load function).
     The server's --mmproj belongs to the --model model (`own_mmproj`); a .kcpps may name its model's own."""
-    import gguf_loader
     from adapters import kobold
     from adapters.media import MediaPolicy
     from gguf_loader.engine import Engine, EngineConfig, ModelLoadError
     from server.app import Served
-    margs, path = _check_model(args, spec, embeddings_path)
-    info = gguf_loader.inspect(path)
+    margs, path, info = _check_model(args, spec)
     n_ctx = margs.contextsize
     if info.context_length and n_ctx > info.context_length:
         print(f"Context size {n_ctx} is larger than the model's trained context {info.context_length}; "
@@ -494,12 +493,12 @@ def serve(args: argparse.Namespace) -> int:
                 raise gguf_loader.GGUFError(f"--rerankmodel: {e}")
         preload = read_json_file(args.preloadstory, "--preloadstory file") if args.preloadstory else None
         default_spec = next(s for s in specs if s.id == default)
-        margs, default_path = _check_model(args, default_spec, embeddings_path)
+        margs, default_path, default_info = _check_model(args, default_spec)
         own_mmproj = bool(args.model or not args.modeldir)
         if margs.mmproj and (own_mmproj or default_spec.config):
             from gguf_loader.inspect import inspect_projector
             try:
-                proj = inspect_projector(margs.mmproj, gguf_loader.inspect(default_path).n_embd)
+                proj = inspect_projector(margs.mmproj, default_info.n_embd)
             except gguf_loader.GGUFError as e:
                 raise gguf_loader.GGUFError(f"--mmproj: {e}")
             print(f"Projector: {proj.describe()}")
@@ -544,7 +543,7 @@ def serve(args: argparse.Namespace) -> int:
     models = ModelManager(specs, lambda spec: _load_served(args, spec, embeddings_path, max_queue, threads,
                                                            spec.id == default and own_mmproj, progress),
                           close_served, lambda served: served.engine.busy,
-                          check=lambda spec: _check_model(args, spec, embeddings_path), default=default,
+                          check=lambda spec: _check_model(args, spec), default=default,
                           max_loaded=args.maxloadedmodels, unload_timeout=args.unloadtimeout)
     print(f"Loading {default_spec.path} ...", flush=True)
 

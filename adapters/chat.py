@@ -132,7 +132,8 @@ def _takes_tools(template: str) -> bool:
     return "tools" in template
 
 
-def _think_tags(adapter: dict, chat_template: Optional[str]) -> tuple:
+def _think_tags(adapter: dict) -> tuple:
+    """The reasoning block's tags: the adapter's (presets state them), else <think></think>."""
     if adapter.get("think_start") or adapter.get("think_end"):
         return adapter.get("think_start", ""), adapter.get("think_end", "")
     return THINK_TAGS
@@ -166,7 +167,7 @@ def plan_chat(plan: Plan, ctx: Context, messages: List[dict], adapter: dict, tem
     fmt = toolmod.detect_format(use_template) if use_template else str(adapter.get("tool_format") or "")
     if fmt not in toolmod.NATIVE_FORMATS or fmt == "json":
         fmt = ""
-    think_start, think_end = _think_tags(adapter, use_template)
+    think_start, think_end = _think_tags(adapter)
     harmony = fmt == "harmony" or bool(use_template and "<|channel|>" in use_template) or \
         adapter.get("tool_format") == "harmony"
     spec = OutputSpec(think_start=think_start, think_end=think_end,
