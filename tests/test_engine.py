@@ -104,7 +104,9 @@ def test_token_prompt_and_bad_token_ids(tiny):
 
 def test_prompt_trimmed_from_front_keeping_memory(tiny):
     n_ctx, max_new = tiny.budget(GenRequest(max_length=50, max_context_length=200))
-    req = GenRequest(prompt="once upon a time " * 200, memory="the king said", max_length=50, max_context_length=200)
+    # the end of text is banned: the random model may otherwise sample it early (a flaky 8% of runs)
+    req = GenRequest(prompt="once upon a time " * 200, memory="the king said", max_length=50, max_context_length=200,
+                     sampling=SamplingParams(seed=1, ban_eos=True))
     prompt = tiny._build_prompt(req)
     mem = tiny.tokenize("the king said", add_bos=False)
     assert len(prompt) <= n_ctx - max_new
