@@ -317,6 +317,12 @@ SCHEMAS["OllamaChat"] = _obj({**_OLLAMA_FINAL, "message": _obj({
 # ---------------------------------------------------------------- request bodies
 
 _STOP = {"anyOf": [_STR, _arr(_STR, maxItems=256)]}
+_BEAMS = {
+    "num_beams": {"type": "integer", "minimum": 1, "maximum": 16,
+                  "description": "> 1: beam search of that width (needs as many free slots; not streamed)"},
+    "length_penalty": {"type": "number", "minimum": -10, "maximum": 10,
+                       "description": "beam score = sum of token logprobs / length ** length_penalty"},
+    "early_stopping": {"type": "boolean", "description": "end the search once num_beams sequences have finished"}}
 _NATIVE = {
     "prompt": _STR, "memory": _STR,
     "max_length": {"type": "integer", "minimum": 1, "description": "tokens to generate (capped to the context)"},
@@ -344,7 +350,7 @@ _NATIVE = {
     "reasoning_format": {"enum": ["none", "separate", "drop"],
                          "description": "separate: a leading <think> block goes to reasoning_content"},
     "logprobs": {"anyOf": [_BOOL, {"type": "integer", "minimum": 0, "maximum": 20}]},
-    "genkey": {"type": "string", "maxLength": 128}, "quiet": _BOOL,
+    "genkey": {"type": "string", "maxLength": 128}, "quiet": _BOOL, **_BEAMS,
 }
 _GENKEY_BODY = _obj({"genkey": {"type": "string", "maxLength": 128}})
 
@@ -373,6 +379,8 @@ _OPENAI_SAMPLING = {
     "n": {"type": "integer", "minimum": 1, "maximum": 16}, "stream": _BOOL,
     "stream_options": {"type": ["object", "null"], "properties": {"include_usage": _BOOL}},
     "logit_bias": _LOGIT_BIAS, "response_format": _RESPONSE_FORMAT, "user": _STR, "adapter": _ADAPTER,
+    "best_of": {"type": "integer", "minimum": 1, "description": "candidates per prompt (>= n); the n with the "
+                "highest mean token logprob are returned; not streamed"}, **_BEAMS,
 }
 _CHAT_BODY = _obj({
     "messages": _arr(_MESSAGE, minItems=1), **_OPENAI_SAMPLING,
@@ -391,7 +399,7 @@ _COMPLETION_BODY = _obj({
     "prompt": _PROMPT, **_OPENAI_SAMPLING,
     "n": {"type": "integer", "minimum": 1, "maximum": 16, "description": "prompts x n is at most 16"},
     "logprobs": {"type": "integer", "minimum": 0, "maximum": 20}, "echo": _BOOL, "suffix": _NULLABLE_STR,
-    "best_of": {"type": "integer", "minimum": 1}, "memory": _STR},
+    "memory": _STR},
     description="Every native KoboldCpp sampler field is accepted too.")
 _EMBEDDINGS_BODY = _obj({
     "input": {"anyOf": [_STR, _arr(_STR, minItems=1, maxItems=2048), _TOKEN_IDS,

@@ -247,6 +247,11 @@ class LauncherApp(ctk.CTk):
         self._row(p, tab, 2, "defaultgenamt", hint="tokens")
         self.shift_switch = self._row(p, tab, 3, "noshift")
         self._row(p, tab, 4, "nofastforward")
+        self._heading(p, 5, "Speed", top=10)
+        self._row(p, tab, 6, "smartcache", hint="conversations kept in RAM; 0 = off")
+        self._row(p, tab, 7, "smartcachemb", hint="MiB")
+        self._row(p, tab, 8, "promptlookup", hint="draft tokens; 0 = off")
+        self._row(p, tab, 9, "fastfirsttoken")
 
     def _build_network(self, p):
         tab = "Network"

@@ -47,6 +47,10 @@ _SPEC = (
     Field("defaultgenamt", "Default gen. amount", "int"),
     Field("noshift", "ContextShift", "bool", invert=True),
     Field("nofastforward", "FastForward", "bool", invert=True),
+    Field("smartcache", "SmartCache slots", "int"),
+    Field("smartcachemb", "SmartCache RAM (MiB)", "int"),
+    Field("promptlookup", "Prompt lookup", "int"),
+    Field("fastfirsttoken", "Fast first token", "bool"),
     Field("modeldir", "Models folder", "text"),
     Field("maxloadedmodels", "Models loaded at once", "int"),
     Field("unloadtimeout", "Unload idle after (s)", "int"),
@@ -92,6 +96,16 @@ def _tips(threads_auto: int) -> dict:
                    "whole prompt. Needs FastForward.",
         "nofastforward": "FastForward: reuse the part of the prompt the model has already read, so only new "
                          "text is processed.",
+        "smartcache": "SmartCache: when another user's request takes a conversation's slot, keep that "
+                      "conversation's cache in RAM (up to this many) and restore it when it returns, instead of "
+                      "re-reading it. 0 = off.",
+        "smartcachemb": "The most RAM, in MiB, the SmartCache may hold; the oldest saved conversations go first.",
+        "promptlookup": "Speculative decoding for greedy requests: guess up to N tokens by copying from earlier in "
+                        "the text and check them in one step. Faster when the reply repeats the prompt (edits, "
+                        "quotes, code); the text is unchanged. 0 = off.",
+        "fastfirsttoken": "Read a prompt's last token together with the prompt: the first word comes one step "
+                          "sooner, but the same seed may then give a different text when run alone or beside "
+                          "other requests.",
         "modeldir": "A folder of .gguf models (and .kcpps settings files): clients pick one by name and it is "
                     "loaded on demand. The model file above stays the default; it may be left empty.",
         "maxloadedmodels": "How many models may be loaded at once (1-64); the least recently used idle one is "

@@ -210,7 +210,8 @@ def test_save_writes_a_kcpps_that_the_command_line_accepts(make_app, tmp_path):
     tiny = tiny_model_path()
     app.set_values({"model": tiny, "port": "5123", "contextsize": "4096", "threads": "2", "batchsize": "256",
                     "password": "sekrit", "chatcompletionsadapter": "ChatML", "flashattention": True,
-                    "launch": True, "multiuser": "3", "defaultgenamt": "300", "noshift": False})
+                    "launch": True, "multiuser": "3", "defaultgenamt": "300", "noshift": False,
+                    "smartcache": "4", "smartcachemb": "256", "promptlookup": "6", "fastfirsttoken": True})
     target = tmp_path / "mine"  # no suffix: .kcpps is added
     app.ask_path = lambda kind: str(target) if kind == "save_config" else ""
     app.save_button.invoke()
@@ -224,6 +225,7 @@ def test_save_writes_a_kcpps_that_the_command_line_accepts(make_app, tmp_path):
     assert (args.password, args.chatcompletionsadapter, args.multiuser, args.defaultgenamt) == \
            ("sekrit", "ChatML", 3, 300)
     assert args.flashattention and args.launch and args.noshift and not args.nofastforward
+    assert (args.smartcache, args.smartcachemb, args.promptlookup, args.fastfirsttoken) == (4, 256, 6, True)
 
     out = tmp_path / "again.kcpps"
     r = subprocess.run([sys.executable, str(KOBOLDCPP), "--config", str(saved), "--exportconfig", str(out)],
