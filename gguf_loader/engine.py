@@ -1363,7 +1363,8 @@ class Engine:
         return keep
 
     def _step(self) -> bool:
-        """One decode of every generating slot's next token, then one prompt chunk of one slot.
+        """One decode of every generating slot's next token, then prompt chunks of waiting slots, oldest first, up
+        to n_batch tokens in all (a long prompt goes one chunk per step; short ones start together).
 
         Rows of the same kind are never mixed (llama.cpp's CPU kernels compute a row slightly differently depending
         on the batch around it): decode rows share small batches, and each prompt is prefilled alone in chunks
@@ -1438,37 +1439,48 @@ class Engine:
                 for s, mine in beam_rows:
                     if s.job is not None:
                         self._beam_select(s, mine)
-        waiting = [s for s in self.slots if s.ready]
-        if waiting:
-            s = min(waiting, key=lambda x: x.job.submitted)
+        waiting = sorted((s for s in self.slots if s.ready), key=lambda x: x.job.submitted)
+        budget = self.n_batch  # prompt tokens per step: several short prompts start together, a long one alone
+        for s in waiting:
+            if s.job is None:
+                continue
             start = s.n_prompt_done
-            if self.loras:
-                self._use_lora(s.lora)
-            if s.cur_media is not None or start in s.media:
-                self._decode_media(s)
-                return True
+            media = s.cur_media is not None or start in s.media
             end = min(len(s.prompt) - 1, (start // self.n_batch + 1) * self.n_batch)
             nxt = [i for i in s.media if start < i < end]
             if nxt:
                 end = min(nxt)
-            for i, t in enumerate(s.prompt[start:end]):
-                self._put(b, i, t, len(s.cache) - s.pos_gap, s.seq, False)
-                s.cache.append(t)
-            s.n_prompt_done = end
-            self.counters["prompt_decoded"] += end - start
-            cnt = end - start
-            # --fastfirsttoken: the last prompt token rides with the final chunk (one decode fewer before the first
-            # token; its logits then depend on the chunk, so the text may differ from a cached or batched run)
-            last = self.cfg.fast_first_token and end == len(s.prompt) - 1 and cnt < self.n_batch and s.beams is None
-            if last:
-                self._put(b, cnt, s.prompt[-1], len(s.cache) - s.pos_gap, s.seq, True)
-                s.cache.append(s.prompt[-1])
-                s.n_prompt_done += 1
-                self.counters["prompt_decoded"] += 1
-                cnt += 1
-            if self._decode(cnt) and last and s.job is not None:
-                self._sample(s, cnt - 1)
+            if budget < self.n_batch and (media or end - start > budget):
+                break  # chunks keep their fixed positions: the next one waits for the next step
+            if self.loras:
+                self._use_lora(s.lora)
+            if media:
+                self._decode_media(s)
+                break
+            budget -= end - start
+            self._prefill(s, start, end)
         return bool(decoded or waiting)
+
+    def _prefill(self, s: _Slot, start: int, end: int):
+        """Decode s.prompt[start:end] alone (one llama_decode, no logits)."""
+        b = self.batch
+        for i, t in enumerate(s.prompt[start:end]):
+            self._put(b, i, t, len(s.cache) - s.pos_gap, s.seq, False)
+            s.cache.append(t)
+        s.n_prompt_done = end
+        self.counters["prompt_decoded"] += end - start
+        cnt = end - start
+        # --fastfirsttoken: the last prompt token rides with the final chunk (one decode fewer before the first
+        # token; its logits then depend on the chunk, so the text may differ from a cached or batched run)
+        last = self.cfg.fast_first_token and end == len(s.prompt) - 1 and cnt < self.n_batch and s.beams is None
+        if last:
+            self._put(b, cnt, s.prompt[-1], len(s.cache) - s.pos_gap, s.seq, True)
+            s.cache.append(s.prompt[-1])
+            s.n_prompt_done += 1
+            self.counters["prompt_decoded"] += 1
+            cnt += 1
+        if self._decode(cnt) and last and s.job is not None:
+            self._sample(s, cnt - 1)
 
     def _decode_media(self, s: _Slot):
         """Decode a media chunk's encoded embeddings into the slot's own sequence. Causal chunks go n_batch

@@ -44,6 +44,24 @@ def test_n_choices_process_the_prompt_once(gemma4):
         e2.close()
 
 
+def test_short_prompts_arriving_together_start_generating_together(gemma4):
+    """Prompts waiting at the same step are all prefilled in it (each in a decode of its own), so their first tokens
+    share one decode instead of joining one step apart; each text is still what its prompt gives alone."""
+    e = gemma4
+    prompts = [f"Request {i} {e.counters['decodes']}: a short story about a cat named {name}."
+               for i, name in enumerate(("Tom", "Mia", "Leo", "Ada"))]
+    greedy = SamplingParams(temperature=0)
+    before = e.counters["decodes"]
+    with e._lock:  # the engine thread sees all four at its next step
+        jobs = [e.submit(GenRequest(prompt=p, max_length=10, sampling=greedy, bypass_eos=True)) for p in prompts]
+    together = [j.wait(120).text for j in jobs]
+    # four prefills, then 10 decodes of four rows (the last prompt tokens, then 9 generated tokens)
+    assert e.counters["decodes"] - before == 4 + 10
+    alone = [e.submit(GenRequest(prompt=p, max_length=10, sampling=greedy, bypass_eos=True)).wait(120).text
+             for p in prompts]
+    assert together == alone
+
+
 def test_a_choice_aborted_while_waiting_for_the_copy_leaves_the_others_alone(gemma4):
     e = gemma4
     p = "A different prompt about the rivers of Europe and their bridges. " * 8
