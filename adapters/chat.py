@@ -288,12 +288,13 @@ class ChoiceEvent:
     message: Optional[Message] = None  # "done": the whole turn
 
 
-def start(plan: Plan, runner: JobRunner) -> Iterator[ChoiceEvent]:
+def start(plan: Plan, runner: JobRunner, live: bool = True) -> Iterator[ChoiceEvent]:
     """Submit the jobs now (a full queue is a 503 before any reply is started) and return the event iterator over
-    every choice; a failed job raises ApiError before its choice's "done"."""
+    every choice; a failed job raises ApiError before its choice's "done". `live=False`: each choice's events
+    come when it has ended (a reply sent whole)."""
     if plan.decide:
-        return _events(plan, runner, [runner.submit(plan.requests[0])])
-    return _events(plan, runner, _submit_all(plan.requests, runner))
+        return _events(plan, runner, [runner.submit(plan.requests[0])], live)
+    return _events(plan, runner, _submit_all(plan.requests, runner), live)
 
 
 def _submit_all(requests: List[GenRequest], runner: JobRunner) -> List[Job]:
@@ -310,7 +311,7 @@ def _submit_all(requests: List[GenRequest], runner: JobRunner) -> List[Job]:
     return jobs
 
 
-def _events(plan: Plan, runner: JobRunner, jobs: List[Job]) -> Iterator[ChoiceEvent]:
+def _events(plan: Plan, runner: JobRunner, jobs: List[Job], live: bool) -> Iterator[ChoiceEvent]:
     mode, spec = plan.tool_mode, plan.output
     try:
         if plan.decide:
@@ -321,7 +322,7 @@ def _events(plan: Plan, runner: JobRunner, jobs: List[Job]) -> Iterator[ChoiceEv
         for i, job in enumerate(jobs):
             parser = OutputParser(spec) if spec is not None else None
             yield ChoiceEvent(i, "start", mode)
-            for ev in runner.follow(job):
+            for ev in runner.follow(job, live):
                 if ev.kind != "done":
                     delta = parser.feed(ev.text) if parser else Delta(content=ev.text)
                     yield ChoiceEvent(i, "text", mode, ev.text, ev.logprobs, delta=delta)
@@ -345,7 +346,7 @@ def _events(plan: Plan, runner: JobRunner, jobs: List[Job]) -> Iterator[ChoiceEv
 def run(plan: Plan, runner: JobRunner) -> List[ChoiceEvent]:
     """Run every choice to the end. -> the "done" event of each choice (its result and message); with best_of, the
     best n of each prompt's candidates."""
-    done = [ev for ev in start(plan, runner) if ev.kind == "done"]
+    done = [ev for ev in start(plan, runner, live=False) if ev.kind == "done"]
     if plan.best_of > plan.n:
         done = pick_best(done, plan.best_of, plan.n)
     return done

@@ -56,15 +56,15 @@ def plan_capped(n_ctx: int, engine, requested: int, plan_with: Callable[[int], P
     return plan_with(room if room >= 64 else max(1, n_ctx // 4))
 
 
-def start(plan: Plan, runner: JobRunner) -> Iterator[Union[Piece, Outcome]]:
+def start(plan: Plan, runner: JobRunner, live: bool = True) -> Iterator[Union[Piece, Outcome]]:
     """Submit now (a full queue is a 503 before any reply starts); the iterator yields Pieces, then the Outcome.
     Only the first choice is used (these dialects have no `n`)."""
-    return _pieces(chat.start(plan, runner))
+    return _pieces(chat.start(plan, runner, live))
 
 
 def run(plan: Plan, runner: JobRunner) -> Outcome:
     out = None
-    for x in start(plan, runner):
+    for x in start(plan, runner, live=False):
         if isinstance(x, Outcome):
             out = x
     return out

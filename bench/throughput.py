@@ -2,7 +2,7 @@
 """Issue 16's figures in one run: our server against llama-server (built by bench/build_llama.sh from the llama.cpp
 sources vendored in the pinned llama-cpp-python), and our own features against their baselines.
 
-    python bench/throughput.py [--model M.gguf] [--threads 2] [--tokens 96] [--rounds 2] [--skip-peer]
+    python bench/throughput.py [--model M.gguf] [--threads 2] [--tokens 96] [--rounds 6] [--skip-peer]
 
 - single stream, time to first token (short and ~1,500-token prompts), 4 and 8 concurrent clients: ours and
   llama-server alternately, `--parallelrequests` equal to llama-server's `-np`, greedy, EOS ignored;
@@ -117,13 +117,26 @@ def batched_bench(model, threads, n_tokens):
     return res
 
 
-def peer_round(name, base, n_tokens, results):
-    results.setdefault((name, "single"), []).append(aggregate(base, n_tokens, 1, name))
-    results.setdefault((name, "ttft short"), []).append(
-        statistics.median(ttft(base, f"[{name} {time.time()}] Hello, how are you?") for _ in range(3)))
-    results.setdefault((name, "ttft 1500"), []).append(ttft(base, long_prompt(f"{name} {time.time()}")))
-    for c in (4, 8):
-        results.setdefault((name, f"agg {c}"), []).append(aggregate(base, n_tokens, c, f"{name} {time.time()}"))
+FIGURES = ("single", "ttft short", "ttft 1500", "agg 4", "agg 8")
+
+
+def figure(fig, name, base, n_tokens):
+    tag = f"{name} {time.time()}"
+    if fig == "single":
+        return aggregate(base, n_tokens, 1, tag)
+    if fig == "ttft short":
+        return statistics.median(ttft(base, f"[{tag} {i}] Hello, how are you?") for i in range(3))
+    if fig == "ttft 1500":
+        return ttft(base, long_prompt(tag))
+    return aggregate(base, n_tokens, int(fig.split()[1]), tag)
+
+
+def peer_rounds(servers, n_tokens, rounds, results):
+    """Each figure on each server in turn, the order flipped every round, so drift hits both alike."""
+    for r in range(rounds):
+        for fig in FIGURES:
+            for name, base in (servers if r % 2 == 0 else servers[::-1]):
+                results.setdefault((name, fig), []).append(figure(fig, name, base, n_tokens))
 
 
 def n_choices(model, threads, n_tokens):
@@ -205,7 +218,7 @@ def main():
     ap.add_argument("--model", default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=96)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--skip-peer", action="store_true", help="no llama-server comparison")
     ap.add_argument("--only", default="", help="comma list of: peer,batched,n,smartcache,ttft,lookup")
     a = ap.parse_args()
@@ -215,11 +228,18 @@ def main():
     print(f"model {os.path.basename(model)}, {a.threads} threads, {a.tokens} tokens per request, greedy, EOS ignored;"
           f" load average at start {os.getloadavg()[0]:.1f}")
 
+    bb = {}
+    if "batched" in only and have_peer and os.path.exists(os.path.join(BIN, "llama-batched-bench")):
+        bb = batched_bench(model, a.threads, a.tokens)
+        print("llama-batched-bench S_TG t/s: " + ", ".join(f"{k} seq {v:.1f}" for k, v in sorted(bb.items())))
     if "n" in only:
         t1, t4, c1, c4 = n_choices(model, a.threads, a.tokens)
         print(f"n=1: {t1 * 1000:.0f} ms   n=4: {t4 * 1000:.0f} ms   ratio {t4 / t1:.2f}x (cached prompt)")
         print(f"n=1: {c1 * 1000:.0f} ms   n=4: {c4 * 1000:.0f} ms   ratio {c4 / c1:.2f}x (new 1,500-token prompt, "
               f"8 tokens)")
+        if bb.get(1) and bb.get(4):
+            print(f"  the limit for a decode-bound n=4: llama-batched-bench's 4-sequence step costs "
+                  f"{4 * bb[1] / bb[4]:.2f}x its 1-sequence step")
     if "ttft" in only:
         ta, tb = fast_first_token(model, a.threads)
         print(f"TTFT short new prompt: default {ta * 1000:.0f} ms, --fastfirsttoken {tb * 1000:.0f} ms: "
@@ -232,34 +252,37 @@ def main():
         cold, back = smartcache(model, a.threads)
         print(f"SmartCache: cold TTFT (1,500 tokens) {cold * 1000:.0f} ms, returning after eviction "
               f"{back * 1000:.0f} ms: {back / cold:.3f}x")
-    if "batched" in only and have_peer and os.path.exists(os.path.join(BIN, "llama-batched-bench")):
-        bb = batched_bench(model, a.threads, a.tokens)
-        print("llama-batched-bench S_TG t/s: " + ", ".join(f"{k} seq {v:.1f}" for k, v in sorted(bb.items())))
     if "peer" not in only:
         return
     results = {}
-    for n_par in (8,):  # -np equal to our --parallelrequests
-        ours = ServerProcess(model, "--threads", str(a.threads), "--parallelrequests", str(n_par), "--contextsize",
-                             "2048", "--quiet")
-        peer = LlamaServer(model, a.threads, n_par, 2048) if have_peer else None
-        try:
-            for _ in range(a.rounds):  # alternate the two servers
-                peer_round("ours", ours.url, a.tokens, results)
-                if peer:
-                    peer_round("llama-server", peer.url, a.tokens, results)
-        finally:
-            ours.stop()
-            if peer:
-                peer.stop()
-    print(f"\n{'figure':<16}{'ours':>22}{'llama-server':>22}{'ratio':>8}")
-    for fig in ("single", "ttft short", "ttft 1500", "agg 4", "agg 8"):
+    n_par = 8  # -np equal to our --parallelrequests
+    ours = ServerProcess(model, "--threads", str(a.threads), "--parallelrequests", str(n_par), "--contextsize",
+                         "2048", "--quiet")
+    peer = LlamaServer(model, a.threads, n_par, 2048) if have_peer else None
+    try:
+        for base in [ours.url] + ([peer.url] if peer else []):
+            aggregate(base, 8, 8, "warm")
+        peer_rounds([("ours", ours.url)] + ([("llama-server", peer.url)] if peer else []), a.tokens, a.rounds,
+                    results)
+    finally:
+        ours.stop()
+        if peer:
+            peer.stop()
+    print(f"\n{'figure':<12}{'ours (median)':>16}{'llama-server':>16}{'ratio':>8}   per-round ratios")
+    for fig in FIGURES:
         o = results.get(("ours", fig), [])
         p = results.get(("llama-server", fig), [])
-        unit = "ms" if fig.startswith("ttft") else "tok/s"
-        k = 1000 if unit == "ms" else 1
-        fmt = lambda xs: " ".join(f"{x * k:.0f}" if unit == "ms" else f"{x:.1f}" for x in xs) + f" {unit}"  # noqa
-        ratio = (statistics.mean(o) / statistics.mean(p)) if o and p else float("nan")
-        print(f"{fig:<16}{fmt(o):>22}{fmt(p) if p else '-':>22}{ratio:>7.2f}x")
+        ms = fig.startswith("ttft")
+        show = (lambda x: f"{x * 1000:.0f} ms") if ms else (lambda x: f"{x:.1f} tok/s")
+        ratio = statistics.median(o) / statistics.median(p) if o and p else float("nan")
+        each = " ".join(f"{x / y:.2f}" for x, y in zip(o, p))
+        print(f"{fig:<12}{show(statistics.median(o)):>16}{show(statistics.median(p)) if p else '-':>16}"
+              f"{ratio:>7.2f}x   {each}")
+    for c in (4, 8):
+        if bb.get(c) and results.get(("ours", f"agg {c}")):
+            print(f"agg {c} ours / llama-batched-bench S_TG at {c} sequences (the limit; it counts no prefill): "
+                  f"{statistics.median(results[('ours', f'agg {c}')]) / bb[c]:.2f}")
+    print("(ttft: lower is better, a ratio below 1 means ours is faster; tok/s: above 1 means ours is faster)")
     print(f"load average at end {os.getloadavg()[0]:.1f}")
 
 

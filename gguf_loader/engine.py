@@ -862,17 +862,36 @@ class Engine:
                 job.finish(Result(text="", finish_reason="stop", stop_reason=-1, prompt_tokens=0,
                                   completion_tokens=0, error=str(e)))
                 continue
-            slot = max(free, key=lambda s: (self._common_prefix(s.cache, prompt), -s.last_used))
+            slot = self._place(free, prompt)
             self._running.append(job)
             try:
                 self._start(slot, job, prompt, max_new, chunks)
                 if job.request.beams:
-                    self._start_beams(slot, [s for s in free if s is not slot][:job.request.beams - 1])
+                    helpers = sorted((s for s in free if s is not slot), key=lambda s: abs(s.seq - slot.seq))
+                    self._start_beams(slot, sorted(helpers[:job.request.beams - 1], key=lambda s: s.seq))
             except Exception as e:
                 self._running.remove(job)
                 slot.job = None
                 job.finish(Result(text="", finish_reason="stop", stop_reason=-1, prompt_tokens=len(prompt),
                                   completion_tokens=0, error=str(e)))
+
+    _MIN_REUSE = 64  # cached prompt tokens that outweigh a slot next to the busy ones (shorter: a whole prompt)
+
+    def _place(self, free: List[_Slot], prompt: List[int]) -> _Slot:
+        """The free slot for a new job: the one whose cache holds the longest prefix of the prompt, when that saves
+        real work; otherwise one next to the busy slots (llama.cpp decodes a batch of split KV streams in one pass
+        only over consecutive sequence ids: four busy slots spread over eight took four passes a step), the least
+        recently used of those."""
+        prefix = {s.seq: self._common_prefix(s.cache, prompt) for s in free}
+        best = max(free, key=lambda s: (prefix[s.seq], -s.last_used))
+        if prefix[best.seq] >= min(self._MIN_REUSE, len(prompt) - 1):  # a long prefix, or all that can be reused
+            return best
+        busy = {s.seq for s in self.slots if s.job is not None}
+
+        def runs(seq: int) -> int:  # groups of consecutive busy sequence ids once this one is busy too
+            ids = sorted(busy | {seq})
+            return 1 + sum(1 for a, b in zip(ids, ids[1:]) if b != a + 1)
+        return min(free, key=lambda s: (runs(s.seq), s.last_used))
 
     def _gap(self, seq: List[int], k: int) -> int:
         """M-RoPE: entries minus positions of the media chunks in seq[:k] (0 for every other model)."""

@@ -62,6 +62,41 @@ def test_short_prompts_arriving_together_start_generating_together(gemma4):
     assert together == alone
 
 
+def test_new_prompts_take_slots_next_to_the_busy_ones():
+    """Split KV streams: llama.cpp decodes a batch in one pass only over consecutive sequence ids, so a request
+    with nothing cached goes next to the busy slots (not to the least recently used one); a long cached prefix
+    still wins."""
+    e = Engine(EngineConfig(bundled_model_path(), n_ctx=512, n_threads=2, n_slots=6))
+    greedy = SamplingParams(temperature=0)
+
+    def run(prompt, n=2):
+        return e.submit(GenRequest(prompt=prompt, max_length=n, sampling=greedy, bypass_eos=True))
+
+    def holder(prompt):
+        toks = e.tokenize(prompt)
+        return [s.seq for s in e.slots if s.cache[:len(toks)] == toks]
+
+    try:
+        firsts = ["Apples", "Bridges", "Clouds", "Dragons", "Engines", "Forests"]
+        prompts = [f"{w} are the topic of this long text, written to fill the cache with many tokens. " * 5
+                   for w in firsts]
+        for p in prompts:  # one per slot, in slot order
+            run(p).wait(60)
+        assert [holder(p) for p in prompts] == [[i] for i in range(6)]
+        run(prompts[1]).wait(60)  # slot 1 is now the most recently used
+        slow = run("Zebras: count from one to forty.", 40)  # the least recently used: slot 0
+        assert slow.started.wait(60)
+        new = "Quiet questions about quails."
+        run(new).wait(60)
+        assert holder(new) == [1]  # next to slot 0 (least recently used would be slot 2)
+        back = prompts[4] + " And then?"
+        run(back).wait(60)
+        assert holder(back) == [4]  # its cached prefix
+        slow.abort()
+    finally:
+        e.close()
+
+
 def test_a_choice_aborted_while_waiting_for_the_copy_leaves_the_others_alone(gemma4):
     e = gemma4
     p = "A different prompt about the rivers of Europe and their bridges. " * 8
