@@ -223,6 +223,7 @@ class SamplerChain:
         self.history: List[int] = list(prompt_tokens)
         self.n_vocab = n_vocab
         self.greedy = params.temperature <= 0 or params.top_k == 1
+        self._argmax = False
         p = params
 
         if banned_now is not None:  # tokens banned at the current position (phrase bans), first in the chain
@@ -290,6 +291,8 @@ class SamplerChain:
         if self.greedy:
             add_rep_pen()
             self._add(L.llama_sampler_init_greedy())
+            # greedy alone: the first highest logit, read in place (llama.cpp would copy all 262k candidates first)
+            self._argmax = L.llama_sampler_chain_n(self.chain) == 1 and self._lazy is None and self.grammar is None
             return
         if p.mirostat in (1, 2):
             add_rep_pen()
@@ -353,7 +356,9 @@ class SamplerChain:
         self._add(s.ptr)
 
     def sample(self, ctx, idx: int) -> int:
-        if self.grammar is None:
+        if self._argmax:
+            tok = int(np.argmax(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, idx), shape=(self.n_vocab,))))
+        elif self.grammar is None:
             tok = L.llama_sampler_sample(self.chain, ctx, idx)
         else:
             tok = self._sample_with_grammar(ctx, idx)

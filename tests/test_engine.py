@@ -289,3 +289,14 @@ def test_top_p_without_top_k_samples_the_same_as_with_llama_cpps_top_p(tiny):
     a = run(tiny, prompt="the king", max_length=16, sampling=SamplingParams(top_k=0, top_p=0.8, seed=5))
     b = run(tiny, prompt="the king", max_length=16, sampling=SamplingParams(top_k=900, top_p=0.8, seed=5))
     assert a.text == b.text
+
+
+def test_plain_greedy_reads_the_logits_in_place_and_matches_llama_cpps_greedy_sampler(gemma):
+    """Greedy with no other sampler takes the first highest logit itself; a zero logit bias keeps llama.cpp's own
+    chain (bias, then its greedy sampler) in the path: the texts must be the same."""
+    prompt = "The three most important rivers of Europe are"
+    fast = run(gemma, prompt=prompt, max_length=48, sampling=GREEDY, bypass_eos=True)
+    chain = run(gemma, prompt=prompt, max_length=48, bypass_eos=True,
+                sampling=SamplingParams(temperature=0, logit_bias={5: 0.0}))
+    assert fast.completion_tokens == chain.completion_tokens == 48
+    assert fast.text == chain.text
