@@ -294,21 +294,7 @@ def start(plan: Plan, runner: JobRunner, live: bool = True) -> Iterator[ChoiceEv
     come when it has ended (a reply sent whole)."""
     if plan.decide:
         return _events(plan, runner, [runner.submit(plan.requests[0])], live)
-    return _events(plan, runner, _submit_all(plan.requests, runner), live)
-
-
-def _submit_all(requests: List[GenRequest], runner: JobRunner) -> List[Job]:
-    """Every choice queued together, so they decode side by side in free slots and the prompt is processed once
-    (the engine copies it to the other slots); later choices wait for room in a full queue."""
-    jobs: List[Job] = []
-    try:
-        for i, req in enumerate(requests):
-            jobs.append(runner.submit(req, wait_s=600 if i else 0))
-    except BaseException:
-        for j in jobs:
-            j.abort()
-        raise
-    return jobs
+    return _events(plan, runner, runner.submit_all(plan.requests), live)
 
 
 def _events(plan: Plan, runner: JobRunner, jobs: List[Job], live: bool) -> Iterator[ChoiceEvent]:
@@ -317,7 +303,7 @@ def _events(plan: Plan, runner: JobRunner, jobs: List[Job], live: bool) -> Itera
         if plan.decide:
             r = check(runner.wait(jobs[0]))
             mode, requests, spec = plan.decide(r.text)
-            jobs = _submit_all(requests, runner)
+            jobs = runner.submit_all(requests)
         # choices in index order; the later ones run meanwhile and their events wait in their jobs' queues
         for i, job in enumerate(jobs):
             parser = OutputParser(spec) if spec is not None else None

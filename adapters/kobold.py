@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Iterator, Optional
+from dataclasses import dataclass, replace
+from typing import Iterator, List, Optional
 
 from gguf_loader.jobs import GenRequest, Job, Result
 
@@ -81,6 +81,37 @@ def parse_generate(body, defaults: GenDefaults) -> GenRequest:
         genkey=F.genkey(b),
         **F.beam_search(b),
     )
+
+
+MAX_BEST_OF = 16
+
+
+def best_of(body, stream: bool = False) -> int:
+    """`best_of` (our extension, OpenAI's meaning): candidates generated side by side, the one with the highest mean
+    token log-probability returned. Clamped to 1-16 like the other native numbers; not with a stream (the best is
+    known at the end) or with beam search (which returns its own best sequence)."""
+    b = F.Body(body, lenient=True)
+    k = b.int("best_of", 1, 1, MAX_BEST_OF)
+    if k > 1 and stream:
+        raise BadRequest("'best_of' cannot be streamed (the best candidate is known at the end); use "
+                         "/api/v1/generate", param="best_of")
+    if k > 1 and b.int("num_beams", 1) > 1:
+        raise BadRequest("'best_of' and 'num_beams' cannot be combined: beam search returns its best sequence",
+                         param="best_of")
+    return k
+
+
+def candidates(req: GenRequest, k: int) -> List[GenRequest]:
+    """best_of: k copies of the request, each scoring its tokens, seeds following the request's (random if none)."""
+    if k <= 1:
+        return [req]
+    seed = req.sampling.seed
+    return [replace(req, score=True, sampling=replace(req.sampling, seed=(seed + i) & 0xFFFFFFFF if seed >= 0
+                                                       else -1)) for i in range(k)]
+
+
+def best(results: List[Result]) -> Result:
+    return max(results, key=lambda r: r.mean_logprob)  # the first of equals
 
 
 def parse_genkey(body) -> str:

@@ -351,6 +351,9 @@ _NATIVE = {
                          "description": "separate: a leading <think> block goes to reasoning_content"},
     "logprobs": {"anyOf": [_BOOL, {"type": "integer", "minimum": 0, "maximum": 20}]},
     "genkey": {"type": "string", "maxLength": 128}, "quiet": _BOOL, **_BEAMS,
+    "best_of": {"type": "integer", "minimum": 1, "maximum": 16,
+                "description": "candidates generated; the one with the highest mean token logprob is returned "
+                               "(not streamed, not with num_beams)"},
 }
 _GENKEY_BODY = _obj({"genkey": {"type": "string", "maxLength": 128}})
 

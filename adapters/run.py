@@ -3,7 +3,7 @@ checking for a vanished client at one interval, and abort the job whenever the f
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, List, Optional
 
 from gguf_loader.jobs import Event, GenRequest, InvalidRequest, Job, QueueFull, Result
 
@@ -45,6 +45,27 @@ class JobRunner:
                 if time.monotonic() >= deadline or self.is_gone():
                     raise Busy()
                 time.sleep(0.2)
+
+    def submit_all(self, requests: List[GenRequest]) -> List[Job]:
+        """Every request queued together (the n choices or best_of candidates of one request), so they decode side
+        by side in free slots and a shared prompt is processed once; later ones wait for room in a full queue."""
+        jobs: List[Job] = []
+        try:
+            for i, req in enumerate(requests):
+                jobs.append(self.submit(req, wait_s=600 if i else 0))
+        except BaseException:
+            for j in jobs:
+                j.abort()
+            raise
+        return jobs
+
+    def wait_all(self, jobs: List[Job]) -> List[Result]:
+        try:
+            return [self.wait(j) for j in jobs]
+        finally:
+            for j in jobs:
+                if not j.finished.is_set():
+                    j.abort()
 
     def follow(self, job: Job, live: bool = True) -> Iterator[Event]:
         """The job's "text" events, then its "done" event. Raises ClientGone when the client hangs up; the job is

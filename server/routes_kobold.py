@@ -34,7 +34,8 @@ def generate(h):
     _pick_model(h, h.json())
     runner = h.runner()
     req, spec = _parse_gen(h)
-    result = runner.wait(runner.submit(req))
+    k = kobold.best_of(h.json())
+    result = kobold.best(runner.wait_all(runner.submit_all(kobold.candidates(req, k))))
     if result.error:
         log_line(f"Generation error: {result.error}")
     h.send_json(200, kobold.generate_response(check(result), spec))
@@ -44,6 +45,7 @@ def generate_stream(h):
     _pick_model(h, h.json())
     runner = h.runner()
     req, spec = _parse_gen(h)
+    kobold.best_of(h.json(), stream=True)
     # return_progress: `event: progress` lines ({"prompt_progress": ...}) while the prompt is processed
     h.pump(kobold.stream(runner, runner.submit(req), spec), progress=lambda p: sse.progress_event(p, name="progress"))
 

@@ -39,6 +39,25 @@ def test_best_of_returns_the_candidate_with_the_highest_mean_logprob(server):
                                                    sorted(range(4), key=lambda i: -scores[i])[:2]]
 
 
+def test_best_of_on_the_native_api(server):
+    base = {"prompt": PROMPT, "max_length": 8, "temperature": 1.2, "logprobs": True}
+    singles = []
+    for i in range(3):
+        st, out = post(server, "/api/v1/generate", dict(base, sampler_seed=11 + i))
+        assert st == 200, out
+        r = out["results"][0]
+        lps = r["logprobs"]["token_logprobs"]
+        singles.append((sum(lps) / len(lps), r["text"]))
+    assert len({t for _, t in singles}) > 1
+    st, out = post(server, "/api/v1/generate", dict(base, sampler_seed=11, best_of=3))
+    assert st == 200, out
+    assert out["results"][0]["text"] == max(singles, key=lambda x: x[0])[1]
+    st, out = post(server, "/api/extra/generate/stream", dict(base, best_of=2))
+    assert st == 400 and "streamed" in out["detail"]["msg"]
+    st, out = post(server, "/api/v1/generate", dict(base, best_of=2, num_beams=2))
+    assert st == 400
+
+
 def test_best_of_on_chat_and_refusals(server):
     msgs = [{"role": "user", "content": "Name a fruit."}]
     st, out = post(server, "/v1/chat/completions", {"messages": msgs, "max_tokens": 6, "best_of": 3, "n": 2,
