@@ -21,7 +21,8 @@ sys.path.insert(0, ROOT)
 
 import llama_cpp as L  # noqa: E402
 
-from gguf_loader.engine import Engine, EngineConfig, _init_backend  # noqa: E402
+from gguf_loader.engine import Engine, EngineConfig  # noqa: E402
+from gguf_loader.llama_model import init_backend  # noqa: E402
 from gguf_loader.jobs import GenRequest, SamplingParams  # noqa: E402
 from tests.support import ServerProcess  # noqa: E402
 
@@ -31,7 +32,7 @@ GREEDY = SamplingParams(temperature=0)
 
 def bare_loop(model_path, threads, n_tokens, prompt_len=512):
     """Greedy decode with llama-cpp-python's low-level calls only: the limit."""
-    _init_backend()  # the same quiet logging the engine uses
+    init_backend()  # the same quiet logging the engine uses
     mp = L.llama_model_default_params()
     mp.use_extra_bufts = False  # the engine's model settings
     mp.use_mmap = False

@@ -27,16 +27,14 @@ import numpy as np
 
 import llama_cpp as L
 
-from . import grammar as gbnf
+from . import grammar as gbnf, llama_model
+from .llama_model import ModelLoadError, Vocab, init_backend, load_model, read_meta  # noqa: F401 (re-exported)
 from .jobs import (MEDIA_MARKER, Event, GenRequest, InvalidRequest, Job, QueueFull, Result,  # noqa: F401
                    TokenLogprob, token_budget)
 from .mtmd import MediaChunk, Projector, ProjectorError  # noqa: F401 (re-exported)
+from .pooled import Embedder, Reranker
 from .sampling import GrammarDone, SamplerChain
 from .textstream import TextStream
-
-
-class ModelLoadError(Exception):
-    pass
 
 
 @dataclass
@@ -89,162 +87,6 @@ def _snap(seq: List[int], k: int) -> int:
 
 def _media_ident(t: int) -> int:
     return (-t - 1) >> _MEDIA_BITS
-
-
-def _pooled(ctx, mem, batch, toks: List[int]):
-    """Decode one whole input as sequence 0 of a pooled-output context (emptied first); -> the pointer to its
-    pooled output (NULL when the model gave none), or None when llama.cpp refused the decode."""
-    L.llama_memory_clear(mem, True)
-    batch.n_tokens = len(toks)
-    for i, t in enumerate(toks):
-        batch.token[i] = int(t)
-        batch.pos[i] = i
-        batch.n_seq_id[i] = 1
-        batch.seq_id[i][0] = 0
-        batch.logits[i] = 1
-    if L.llama_decode(ctx, batch) != 0:
-        return None
-    return L.llama_get_embeddings_seq(ctx, 0)
-
-
-_backend_lock = threading.Lock()
-_backend_ready = False
-_LOG_CB = None
-
-
-def _init_backend():
-    global _backend_ready, _LOG_CB
-    with _backend_lock:
-        if _backend_ready:
-            return
-
-        def log(level, text, user):  # keep llama.cpp quiet except for errors
-            if level == 4 and text:
-                try:
-                    os.write(2, b"llama.cpp: " + text)
-                except OSError:
-                    pass
-
-        _LOG_CB = L.llama_log_callback(log)
-        L.llama_log_set(_LOG_CB, None)
-        L.llama_backend_init()
-        _backend_ready = True
-
-
-def _load_model(path: str, n_gpu_layers: int, use_mmap: bool, use_mlock: bool, on_progress=None):
-    mp = L.llama_model_default_params()
-    cb = None
-    if on_progress is not None:
-        def cb_fn(progress, user):
-            try:
-                return bool(on_progress(float(progress)))
-            except Exception:
-                return True
-        cb = L.llama_progress_callback(cb_fn)  # kept referenced until the load returns
-        mp.progress_callback = cb
-    mp.n_gpu_layers = 999 if n_gpu_layers < 0 else n_gpu_layers
-    mp.use_mmap = use_mmap
-    mp.use_mlock = use_mlock
-    # No CPU weight repacking: measured here it makes logits depend on batch shape (so a cached prefix or a
-    # neighbour slot changed sampled text) and halved prompt speed (352 vs 686 tok/s); decode speed is equal.
-    mp.use_extra_bufts = bool(os.environ.get('KCPP_REPACK'))
-    model = L.llama_model_load_from_file(path.encode("utf-8"), mp)
-    del cb
-    if not model:
-        raise ModelLoadError(f"llama.cpp could not load the model {path}")
-    return model
-
-
-def _meta(model) -> Dict[str, str]:
-    out = {}
-    buf = ctypes.create_string_buffer(4096)
-    for i in range(L.llama_model_meta_count(model)):
-        if L.llama_model_meta_key_by_index(model, i, buf, len(buf)) < 0:
-            continue
-        key = buf.value.decode("utf-8", "replace")
-        n = L.llama_model_meta_val_str_by_index(model, i, None, 0)
-        if n < 0:
-            continue
-        vbuf = ctypes.create_string_buffer(n + 1)
-        L.llama_model_meta_val_str_by_index(model, i, vbuf, n + 1)
-        out[key] = vbuf.value.decode("utf-8", "replace")
-    return out
-
-
-POOLING = {"mean": L.LLAMA_POOLING_TYPE_MEAN, "cls": L.LLAMA_POOLING_TYPE_CLS, "last": L.LLAMA_POOLING_TYPE_LAST}
-
-
-def _pooling_of(meta: Dict[str, str]) -> str:
-    """The pooling an embedding model was trained with ({arch}.pooling_type: 1 mean, 2 CLS, 3 last); models that
-    name none (or none usable here: rank, which scores pairs) are mean-pooled."""
-    v = meta.get(f"{meta.get('general.architecture', '')}.pooling_type")
-    try:
-        n = int(v) if v is not None else 1
-    except ValueError:
-        n = 1
-    return {L.LLAMA_POOLING_TYPE_CLS: "cls", L.LLAMA_POOLING_TYPE_LAST: "last"}.get(n, "mean")
-
-
-class _Vocab:
-    """Tokenizer helpers bound to one model (thread-safe: the vocab is read-only)."""
-
-    def __init__(self, model):
-        self.model = model
-        self.vocab = L.llama_model_get_vocab(model)
-        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
-        self._pieces: Dict[int, bytes] = {}
-        self._pieces_special: Dict[int, bytes] = {}
-
-    def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> List[int]:
-        data = text.encode("utf-8")
-        n_max = len(data) + 8
-        while True:
-            buf = (L.llama_token * n_max)()
-            n = L.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_bos, special)
-            if n >= 0:
-                return list(buf[:n])
-            n_max = -n
-
-    def piece(self, tok: int, special: bool = False) -> bytes:
-        cache = self._pieces_special if special else self._pieces
-        p = cache.get(tok)
-        if p is None:
-            buf = ctypes.create_string_buffer(64)
-            n = L.llama_token_to_piece(self.vocab, tok, buf, 64, 0, special)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = L.llama_token_to_piece(self.vocab, tok, buf, -n, 0, special)
-            p = buf.raw[:max(n, 0)]
-            cache[tok] = p
-        return p
-
-    def detokenize(self, ids: List[int], special: bool = False) -> str:
-        return b"".join(self.piece(int(t), special) for t in ids if 0 <= int(t) < self.n_vocab).decode("utf-8", "replace")
-
-    @functools.cached_property
-    def _by_piece(self) -> Dict[bytes, int]:
-        out: Dict[bytes, int] = {}
-        for t in range(self.n_vocab):
-            p = self.piece(t, True)
-            if p and p not in out:
-                out[p] = t
-        return out
-
-    def spell(self, data: bytes) -> Optional[List[int]]:
-        """Token ids whose pieces are exactly `data` (longest piece first), or None. Unlike tokenize, no prefix
-        space is added and any substring works: for feeding a grammar text that is already in the output."""
-        table, out, i = self._by_piece, [], 0
-        longest = 64
-        while i < len(data):
-            for n in range(min(longest, len(data) - i), 0, -1):
-                t = table.get(data[i:i + n])
-                if t is not None:
-                    out.append(t)
-                    i += n
-                    break
-            else:
-                return None
-        return out
 
 
 class _Slot:
@@ -319,17 +161,17 @@ class _Saved:
 
 class Engine:
     def __init__(self, cfg: EngineConfig):
-        _init_backend()
+        init_backend()
         self.cfg = cfg
         self.model_path = cfg.model_path
         self.model_name = os.path.splitext(os.path.basename(cfg.model_path))[0]
         t0 = time.monotonic()
-        self.model = _load_model(cfg.model_path, cfg.n_gpu_layers, cfg.use_mmap, cfg.use_mlock, cfg.on_load_progress)
+        self.model = load_model(cfg.model_path, cfg.n_gpu_layers, cfg.use_mmap, cfg.use_mlock, cfg.on_load_progress)
         self.load_time = time.monotonic() - t0
-        self.tok = _Vocab(self.model)
+        self.tok = Vocab(self.model)
         self.vocab = self.tok.vocab
         self.n_vocab = self.tok.n_vocab
-        self.metadata = _meta(self.model)
+        self.metadata = read_meta(self.model)
         self.chat_template = self.metadata.get("tokenizer.chat_template")
         self.n_ctx_train = L.llama_model_n_ctx_train(self.model)
         self.n_ctx = max(256, min(cfg.n_ctx, self.n_ctx_train)) if self.n_ctx_train > 0 else cfg.n_ctx
@@ -379,7 +221,8 @@ class Engine:
         self.projector: Optional[Projector] = None
         if cfg.mmproj_path:
             try:
-                self.projector = Projector(cfg.mmproj_path, self.model, cfg.n_threads, cfg.n_gpu_layers != 0, _LOG_CB)
+                self.projector = Projector(cfg.mmproj_path, self.model, cfg.n_threads, cfg.n_gpu_layers != 0,
+                                           llama_model.LOG_CB)
             except ProjectorError:
                 L.llama_batch_free(self.batch)
                 L.llama_free(self.ctx)
@@ -395,14 +238,10 @@ class Engine:
         self._waiting: List[Job] = []
         self._running: List[Job] = []
         self._stop = False
-        self._embed_lock = threading.Lock()
-        self._embed_ctx = None
-        self._embed_model = None
-        self._embed_vocab = None
-        self._rank_lock = threading.Lock()
-        self._rank_ctx = None
-        self._rank_model = None
-        self._rank_vocab = None
+        self.embedder = Embedder(self.model, cfg.embedding_model_path, self.n_ctx, cfg.n_threads, cfg.n_gpu_layers,
+                                 cfg.use_mmap)
+        self.reranker = Reranker(None, cfg.rerank_model_path, self.n_ctx, cfg.n_threads, cfg.n_gpu_layers,
+                                 cfg.use_mmap)
 
         self.started_at = time.time()
         self.idle_since = time.time()
@@ -614,98 +453,43 @@ class Engine:
         L.llama_batch_free(self.batch)
         L.llama_free(self.ctx)
         L.llama_model_free(self.model)
-        with self._embed_lock:
-            if self._embed_ctx:
-                L.llama_free(self._embed_ctx)
-                self._embed_ctx = None
-            if self._embed_model:
-                L.llama_model_free(self._embed_model)
-                self._embed_model = None
-        with self._rank_lock:
-            if self._rank_ctx:
-                L.llama_free(self._rank_ctx)
-                self._rank_ctx = None
-            if self._rank_model:
-                L.llama_model_free(self._rank_model)
-                self._rank_model = None
+        self.embedder.close()
+        self.reranker.close()
 
-    # ---------- embeddings (own context, caller's thread) ----------
+    # ---------- embeddings and reranking (gguf_loader/pooled.py: own contexts, caller's thread) ----------
 
     @property
     def embed_model_name(self) -> Optional[str]:
         """The --embeddingsmodel file's name (None: the main model embeds)."""
-        p = self.cfg.embedding_model_path
-        return os.path.splitext(os.path.basename(p))[0] if p else None
+        return self.embedder.name
+
+    @property
+    def embed_pooling(self) -> str:
+        return self.embedder.pooling
 
     def embed_limits(self) -> tuple:
         """(tokens per input, vocabulary size) of the embedding model."""
-        with self._embed_lock:
-            self._ensure_embed_ctx()
-            return self._embed_nctx, self._embed_vocab.n_vocab
+        return self.embedder.limits()
 
     def embed_tokenize(self, text: str) -> List[int]:
-        with self._embed_lock:
-            self._ensure_embed_ctx()
-            return self._embed_vocab.tokenize(text, True, False)
-
-    def _ensure_embed_ctx(self):
-        if self._embed_ctx:
-            return
-        model = self.model
-        if self.cfg.embedding_model_path:
-            self._embed_model = _load_model(self.cfg.embedding_model_path, self.cfg.n_gpu_layers, self.cfg.use_mmap, False)
-            model = self._embed_model
-        self.embed_pooling = _pooling_of(_meta(model))
-        ctx, n_ctx = self._pooled_ctx(model, POOLING[self.embed_pooling])
-        if not ctx:
-            raise ModelLoadError("llama.cpp could not create an embeddings context")
-        self._embed_ctx = ctx
-        self._embed_vocab = _Vocab(model)
-        self._embed_nctx = n_ctx
-        self._embed_dim = L.llama_model_n_embd(model)
-
-    def _pooled_ctx(self, model, pooling: int) -> tuple:
-        """A one-sequence context whose output is the pooled vector of a whole input (embeddings, reranking).
-        -> (context or None, its size in tokens)"""
-        n_train = L.llama_model_n_ctx_train(model)
-        cp = L.llama_context_default_params()
-        cp.n_ctx = min(self.n_ctx, n_train) if n_train > 0 else self.n_ctx
-        cp.n_batch = cp.n_ctx
-        cp.n_ubatch = cp.n_ctx
-        cp.n_seq_max = 1
-        cp.n_threads = self.cfg.n_threads
-        cp.n_threads_batch = self.cfg.n_threads
-        cp.embeddings = True
-        cp.pooling_type = pooling
-        cp.no_perf = True
-        return L.llama_init_from_model(model, cp), cp.n_ctx
+        return self.embedder.tokenize(text)
 
     def embed(self, inputs: List[List[int]]) -> List[List[float]]:
-        """One L2-normalised vector per token list, pooled as the model says (embed_pooling); lists longer than
-        the context are cut.
-        Raises InvalidRequest for token ids outside the embedding model's vocabulary."""
-        out = []
-        with self._embed_lock:
-            self._ensure_embed_ctx()
-            n_vocab = self._embed_vocab.n_vocab
-            for toks in inputs:
-                bad = [t for t in toks if not (isinstance(t, int) and 0 <= t < n_vocab)]
-                if bad:
-                    raise InvalidRequest(f"token id {bad[0]!r} is outside the vocabulary (0..{n_vocab - 1})")
-            ctx = self._embed_ctx
-            mem = L.llama_get_memory(ctx)
-            batch = L.llama_batch_init(self._embed_nctx, 0, 1)
-            try:
-                for toks in inputs:
-                    ptr = _pooled(ctx, mem, batch, list(toks)[: self._embed_nctx] or [0])
-                    if ptr is None:
-                        raise RuntimeError("llama.cpp failed to compute the embedding")
-                    v = np.array(np.ctypeslib.as_array(ptr, shape=(self._embed_dim,)), dtype=np.float64)
-                    n = np.linalg.norm(v)
-                    out.append((v / n if n > 0 else v).tolist())
-            finally:
-                L.llama_batch_free(batch)
-        return out
+        """One L2-normalised vector per token list (cut to the context); InvalidRequest for ids outside the
+        vocabulary."""
+        return self.embedder.embed(inputs)
+
+    @property
+    def rerank_model_name(self) -> Optional[str]:
+        return self.reranker.name
+
+    def load_reranker(self):
+        """Load the --rerankmodel now (start-up), so a bad file is reported before the server answers."""
+        self.reranker.load()
+
+    def rerank(self, query: str, documents: List[str]) -> tuple:
+        """-> (one relevance score per document, tokens read)."""
+        return self.reranker.rerank(query, documents)
 
     # ---------- facts about the loaded model (Ollama's /api/show and /api/ps) ----------
 
@@ -743,76 +527,6 @@ class Engine:
             if 0 <= t < self.n_vocab:
                 out[name] = int(t)
         return out
-
-    # ---------- reranking (own model and context, caller's thread) ----------
-
-    @property
-    def rerank_model_name(self) -> Optional[str]:
-        p = self.cfg.rerank_model_path
-        return os.path.splitext(os.path.basename(p))[0] if p else None
-
-    def _ensure_rank_ctx(self):
-        if self._rank_ctx:
-            return
-        if not self.cfg.rerank_model_path:
-            raise ModelLoadError("no reranking model is loaded (start with --rerankmodel FILE)")
-        model = _load_model(self.cfg.rerank_model_path, self.cfg.n_gpu_layers, self.cfg.use_mmap, False)
-        meta = _meta(model)
-        if meta.get(meta.get("general.architecture", "") + ".pooling_type") != str(L.LLAMA_POOLING_TYPE_RANK):
-            L.llama_model_free(model)
-            raise ModelLoadError(f"{self.cfg.rerank_model_path} is not a reranker: its GGUF does not declare rank "
-                                 f"pooling (use a reranker such as bge-reranker-v2-m3 or Qwen3-Reranker)")
-        ctx, n_ctx = self._pooled_ctx(model, L.LLAMA_POOLING_TYPE_RANK)
-        if not ctx:
-            L.llama_model_free(model)
-            raise ModelLoadError("llama.cpp could not create a reranking context")
-        self._rank_model, self._rank_ctx = model, ctx
-        self._rank_vocab = _Vocab(model)
-        self._rank_nctx = n_ctx
-        self._rank_nout = max(1, L.llama_model_n_cls_out(model))
-        self._rank_template = meta.get("tokenizer.chat_template.rerank")
-
-    def load_reranker(self):
-        """Load the --rerankmodel now (start-up), so a bad file is reported before the server answers."""
-        with self._rank_lock:
-            self._ensure_rank_ctx()
-
-    def _rank_tokens(self, query: str, doc: str) -> List[int]:
-        """The reranker's input for one pair: its own rerank template when the GGUF carries one, else
-        [BOS] query [EOS] [SEP] document [EOS] (tokens the vocabulary lacks are left out), as llama-server."""
-        v = self._rank_vocab
-        if self._rank_template:
-            text = self._rank_template.replace("{query}", query).replace("{document}", doc)
-            return v.tokenize(text, add_bos=bool(L.llama_vocab_get_add_bos(v.vocab)), special=True)
-        bos, eos, sep = (L.llama_vocab_bos(v.vocab), L.llama_vocab_eos(v.vocab), L.llama_vocab_sep(v.vocab))
-        out = [t for t in (bos,) if t >= 0]
-        out += v.tokenize(query, add_bos=False, special=False)
-        out += [t for t in (eos, sep) if t >= 0]
-        out += v.tokenize(doc, add_bos=False, special=False)
-        out += [t for t in (eos,) if t >= 0]
-        return out
-
-    def rerank(self, query: str, documents: List[str]) -> tuple:
-        """-> (one relevance score per document, tokens read). Pairs longer than the context are cut at the end."""
-        scores, n_tok = [], 0
-        with self._rank_lock:
-            self._ensure_rank_ctx()
-            ctx = self._rank_ctx
-            mem = L.llama_get_memory(ctx)
-            batch = L.llama_batch_init(self._rank_nctx, 0, 1)
-            try:
-                for doc in documents:
-                    toks = self._rank_tokens(query, doc)[: self._rank_nctx] or [0]
-                    n_tok += len(toks)
-                    ptr = _pooled(ctx, mem, batch, toks)
-                    if ptr is None:
-                        raise RuntimeError("llama.cpp failed to score a document")
-                    if not ptr:
-                        raise RuntimeError("the reranking model gave no score (is it a reranker?)")
-                    scores.append(float(ptr[0]))
-            finally:
-                L.llama_batch_free(batch)
-        return scores, n_tok
 
     # ---------- engine thread ----------
 
