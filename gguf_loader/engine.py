@@ -1,9 +1,10 @@
 """The engine: one thread owns the llama.cpp model and context and runs every generation.
 
 HTTP threads `submit()` a GenRequest and read Events from the returned Job. The context holds N sequences (slots);
-each step puts the next token of every generating slot and a chunk of any pending prompt into one llama_batch and
-decodes it once (continuous batching). A new job takes the idle slot whose cached tokens share the longest prefix
-with its prompt, so only the new suffix is decoded (FastForward).
+each step decodes the next token of every generating slot in one llama_batch (continuous batching), then a chunk of
+each waiting prompt, each alone. A new job takes the idle slot whose cached tokens share the longest prefix with its
+prompt, so only the new suffix is decoded (FastForward), or, with nothing worth reusing, an idle slot next to the
+busy ones (_place).
 
 With a projector (--mmproj), a prompt may hold images/audio. Each one stands in the token lists as a run of
 negative stand-in ids derived from a hash of its bytes (_pseudo), so FastForward and ContextShift compare them like
