@@ -9,7 +9,7 @@ from typing import Iterator, List, Optional
 
 from gguf_loader.jobs import GenRequest
 
-from . import chat, fields as F, tools as toolmod, turn
+from . import chat, fields as F, media as mediamod, tools as toolmod, turn
 from .chat import Context, Plan, new_id
 from .errors import ApiError, BadRequest, error_body
 from .run import JobRunner
@@ -23,29 +23,61 @@ def _bad(msg: str, param: Optional[str] = None) -> BadRequest:
     return BadRequest(msg, param=param)
 
 
-def _text_of(content, where: str) -> str:
-    """A string, or text blocks (tool_result content, system): their text joined."""
+def _image(blk: dict, where: str, policy) -> "mediamod.Media":
+    """An image block: {"source": {"type": "base64", "media_type", "data"}} or {"source": {"type": "url", "url"}}."""
+    src = blk.get("source")
+    policy = policy or mediamod.MediaPolicy()
+    if not isinstance(src, dict) or src.get("type") not in ("base64", "url"):
+        raise _bad(f"{where}.source must be {{type: 'base64', media_type, data}} or {{type: 'url', url}} (files are "
+                   f"not supported)", "messages")
+    if src["type"] == "url":
+        return mediamod.image_url(src.get("url"), policy, where, "messages")
+    mime = src.get("media_type")
+    if mime is not None and (not isinstance(mime, str) or not mime.startswith("image/")):
+        raise _bad(f"{where}.source.media_type must be an image type such as image/png", "messages")
+    if not policy.vision:  # before decoding a possibly large payload
+        return mediamod.image(b"", policy, where, "messages")
+    return mediamod.image(mediamod.b64decode(src.get("data"), f"{where}.source.data", "messages"), policy, where,
+                          "messages")
+
+
+def _blocks(content, where: str, media: Optional[list], policy, start: int = 0) -> List[str]:
+    """Text blocks (and image blocks where `media` is given: a media marker each, the item appended to it);
+    `start` is the first block's index in `where`."""
+    out = []
+    for j, blk in enumerate(content, start):
+        bw = f"{where}[{j}]"
+        kind = blk.get("type") if isinstance(blk, dict) else None
+        if kind == "text":
+            if not isinstance(blk.get("text"), str):
+                raise _bad(f"{bw}.text must be a string")
+            out.append(F.clean_text(mediamod.strip_markers(blk["text"])))
+        elif kind == "image" and media is not None:
+            media.append(_image(blk, bw, policy))
+            mediamod.check_count(len(media), policy or mediamod.MediaPolicy(), "messages")
+            out.append(mediamod.placeholders(media[-1:]))
+        elif kind in ("image", "document"):
+            raise _bad(f"{bw} is a{'n image' if kind == 'image' else ' document'} block; "
+                       f"{'documents (PDF) are not supported' if kind == 'document' else 'images go in messages only'}")
+        else:
+            raise _bad(f"{bw} must be a text block")
+    return out
+
+
+def _text_of(content, where: str, media: Optional[list] = None, policy=None) -> str:
+    """A string, or text blocks (system; tool_result content, which may hold images too): their text joined."""
     if isinstance(content, str):
-        return F.clean_text(content)
+        return F.clean_text(mediamod.strip_markers(content))
     if not isinstance(content, list):
         raise _bad(f"{where} must be a string or an array of content blocks")
-    out = []
-    for j, blk in enumerate(content):
-        if not isinstance(blk, dict) or blk.get("type") not in ("text", "image", "document"):
-            raise _bad(f"{where}[{j}] must be a text block")
-        if blk["type"] != "text":
-            raise _bad(f"{where}[{j}] is a{'n image' if blk['type'] == 'image' else ' document'} block; "
-                       f"/v1/messages takes text only (images go through /v1/chat/completions with --mmproj)")
-        if not isinstance(blk.get("text"), str):
-            raise _bad(f"{where}[{j}].text must be a string")
-        out.append(F.clean_text(blk["text"]))
-    return "\n".join(out)
+    return "\n".join(_blocks(content, where, media, policy))
 
 
-def parse_messages(body: dict) -> List[dict]:
+def parse_messages(body: dict, media: Optional[list] = None, policy=None) -> List[dict]:
     """system + messages -> normalised {role, content, tool_calls?, tool_call_id?}. A user turn's tool_result
     blocks become tool messages (before its text); an assistant turn's tool_use blocks become tool calls and its
-    thinking blocks are dropped (the prompt carries the answers only)."""
+    thinking blocks are dropped (the prompt carries the answers only). Image blocks of user turns (and of their
+    tool results) are appended to `media`, a marker each in the text."""
     out = []
     system = body.get("system")
     if system is not None:
@@ -64,7 +96,7 @@ def parse_messages(body: dict) -> List[dict]:
             raise _bad(f"{where}.role must be 'user' or 'assistant', got {role!r}")
         content = m.get("content")
         if isinstance(content, str):
-            out.append({"role": role, "content": F.clean_text(content)})
+            out.append({"role": role, "content": F.clean_text(mediamod.strip_markers(content))})
             continue
         if not isinstance(content, list):
             raise _bad(f"{where}.content must be a string or an array of content blocks")
@@ -72,13 +104,11 @@ def parse_messages(body: dict) -> List[dict]:
         for j, blk in enumerate(content):
             bw = f"{where}.content[{j}]"
             kind = blk.get("type") if isinstance(blk, dict) else None
-            if kind == "text":
-                if not isinstance(blk.get("text"), str):
-                    raise _bad(f"{bw}.text must be a string")
-                texts.append(F.clean_text(blk["text"]))
+            if kind == "text" or (kind == "image" and role == "user"):
+                texts += _blocks([blk], f"{where}.content", media, policy, j)
             elif kind in ("image", "document"):
-                raise _bad(f"{bw} is a{'n image' if kind == 'image' else ' document'} block; /v1/messages takes "
-                           f"text only (images go through /v1/chat/completions with --mmproj)")
+                raise _bad(f"{bw} is a{'n image' if kind == 'image' else ' document'} block; "
+                           f"{'documents (PDF) are not supported' if kind == 'document' else 'images go in user turns'}")
             elif kind == "tool_use" and role == "assistant":
                 if not isinstance(blk.get("name"), str) or not blk["name"] or not isinstance(blk.get("id"), str):
                     raise _bad(f"{bw}: a tool_use block needs a string 'id' and 'name'")
@@ -88,7 +118,7 @@ def parse_messages(body: dict) -> List[dict]:
             elif kind == "tool_result" and role == "user":
                 if not isinstance(blk.get("tool_use_id"), str):
                     raise _bad(f"{bw}: a tool_result block needs a string 'tool_use_id'")
-                text = _text_of(blk.get("content", ""), f"{bw}.tool_result content")
+                text = _text_of(blk.get("content", ""), f"{bw}.tool_result content", media, policy)
                 if blk.get("is_error") is True:
                     text = "Error: " + text
                 results.append({"role": "tool", "content": text, "tool_call_id": blk["tool_use_id"]})
@@ -189,7 +219,8 @@ def parse(body, ctx: Context, count_only: bool = False) -> tuple:
         if not count_only:
             raise _bad("'max_tokens' is required", "max_tokens")
         max_tokens = 1
-    messages = parse_messages(b.data)
+    media: list = []
+    messages = parse_messages(b.data, media, getattr(ctx, "media", None))
     tools, choice, parallel = parse_tools(b.data)
     thinking = _thinking(b)
     adapter = ctx.adapter
@@ -211,7 +242,7 @@ def parse(body, ctx: Context, count_only: bool = False) -> tuple:
 
     def plan_with(max_new: int) -> Plan:
         template = GenRequest(prompt="", max_length=max_new, max_context_length=eng.n_ctx,
-                              sampling=dataclasses.replace(sampling), stop=stops, trim_stop=True)
+                              sampling=dataclasses.replace(sampling), stop=stops, trim_stop=True, media=media)
         plan = Plan("chat", [], ctx.model_name, rid, stream=stream)
         return chat.plan_chat(plan, ctx, messages, adapter, template, [None], tools, choice, jinja=ctx.use_jinja,
                               tool_temperature=sampling.temperature if "temperature" in picked
@@ -234,9 +265,7 @@ def _pipeline_options(parallel: bool, thinking: Optional[dict], effort: Optional
 
 def count_tokens(body, ctx: Context) -> dict:
     plan, _ = parse(body, ctx, count_only=True)
-    req = plan.requests[0]
-    ids = req.prompt if isinstance(req.prompt, list) else ctx.engine.tokenize(req.memory + req.prompt)
-    return {"input_tokens": len(ids)}
+    return {"input_tokens": turn.count_prompt(ctx.engine, plan.requests[0])}
 
 
 # ---------------------------------------------------------------- replies

@@ -214,6 +214,28 @@ def image_url(url, policy: MediaPolicy, where: str, param: str) -> Media:
     raise BadRequest(f"{where} must be a data: URL (or http(s) with --allowremotemedia)", param=param)
 
 
+def content_part(part: dict, kind: str, policy: Optional[MediaPolicy], where: str, param: str) -> Media:
+    """An OpenAI content part (chat's image_url / input_audio, the Responses API's input_image / input_audio) ->
+    a Media item (BadRequest naming the part)."""
+    policy = policy or MediaPolicy()
+    if kind in ("image_url", "input_image", "image"):
+        if kind == "input_image" and part.get("file_id") is not None and part.get("image_url") is None:
+            raise BadRequest(f"{where}: file_id images are not supported (no file store); send image_url as a "
+                             f"data: URL", param=param)
+        v = part.get("image_url", part.get("image"))
+        url = v.get("url") if isinstance(v, dict) else v
+        return image_url(url, policy, where, param)
+    if kind in ("input_audio", "audio"):
+        v = part.get("input_audio", part.get("audio"))
+        if not isinstance(v, dict) or not isinstance(v.get("data"), str):
+            raise BadRequest(f"{where}: an input_audio part needs {{'data': base64, 'format': 'wav'|'mp3'}}",
+                             param=param)
+        if not policy.audio:
+            return audio(b"", policy, where, param)
+        return audio(b64decode(v["data"], where, param), policy, where, param)
+    raise BadRequest(f"{where}: file parts are not supported; send images as image_url data: URLs", param=param)
+
+
 def base64_list(value, policy: MediaPolicy, kind: str, field: str) -> List[Media]:
     """Kobold/Ollama `images` / `audio`: a list of base64 strings (data: URLs accepted)."""
     if value is None or value == []:

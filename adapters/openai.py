@@ -144,24 +144,6 @@ def _include_usage(b: F.Body) -> bool:
     return F.Body(so).bool("include_usage")
 
 
-def _media_part(part: dict, kind: str, i: int, j: int, policy) -> "mediamod.Media":
-    """An image_url / input_image / input_audio part -> an engine Media item (BadRequest naming the part)."""
-    policy = policy or mediamod.MediaPolicy()
-    where = f"messages[{i}].content[{j}]"
-    if kind in ("image_url", "input_image", "image"):
-        v = part.get("image_url", part.get("image"))
-        url = v.get("url") if isinstance(v, dict) else v
-        return mediamod.image_url(url, policy, where, "messages")
-    if kind in ("input_audio", "audio"):
-        v = part.get("input_audio", part.get("audio"))
-        if not isinstance(v, dict) or not isinstance(v.get("data"), str):
-            raise _bad(f"{where}: an input_audio part needs {{'data': base64, 'format': 'wav'|'mp3'}}", "messages")
-        if not policy.audio:
-            return mediamod.audio(b"", policy, where, "messages")
-        return mediamod.audio(mediamod.b64decode(v["data"], where, "messages"), policy, where, "messages")
-    raise _bad(f"{where}: file parts are not supported; send images as image_url data: URLs", "messages")
-
-
 def _content_text(content, i: int, media=None, policy=None) -> str:
     """Message content as text; image/audio parts become media markers and their items are appended to
     `media` (None: media parts are refused)."""
@@ -187,7 +169,7 @@ def _content_text(content, i: int, media=None, policy=None) -> str:
             if media is None:
                 raise _bad(f"messages[{i}] holds a{'n image' if 'image' in kind else ' media'} part, but the loaded "
                            f"model has no vision/audio projector; send text only", "messages")
-            media.append(_media_part(part, kind, i, j, policy))
+            media.append(mediamod.content_part(part, kind, policy, f"messages[{i}].content[{j}]", "messages"))
             mediamod.check_count(len(media), policy or mediamod.MediaPolicy(), "messages")
             out.append(mediamod.placeholders(media[-1:]))
         else:

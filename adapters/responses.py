@@ -14,7 +14,7 @@ from typing import Iterator, List, Optional
 
 from gguf_loader.jobs import BudgetError, GenRequest, token_budget
 
-from . import chat, fields as F, tools as toolmod, turn
+from . import chat, fields as F, media as mediamod, tools as toolmod, turn
 from .chat import Context, Plan, new_id
 from .errors import ApiError, BadRequest, NotFound
 from .run import JobRunner
@@ -22,6 +22,7 @@ from .sse import event as sse_event
 
 MAX_STORED = 512
 STORE_TTL_S = 3600.0
+MAX_STORED_MEDIA_BYTES = 256 * 1024 * 1024  # decoded images/audio kept for previous_response_id, all responses
 EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 
 
@@ -36,27 +37,35 @@ class _Stored:
     response: dict
     messages: List[dict]  # the whole conversation including this response's output, for previous_response_id
     expires: float
+    media: list = field(default_factory=list)  # the conversation's images/audio, in the order of their markers
+
+    @property
+    def media_bytes(self) -> int:
+        return sum(len(m.data) for m in self.media)
 
 
 class ResponseStore:
-    """Finished responses by id: at most `limit`, each for `ttl` seconds; the oldest go first."""
+    """Finished responses by id: at most `limit`, each for `ttl` seconds, their images and audio at most
+    `media_limit` bytes in all; the oldest go first."""
 
-    def __init__(self, limit: int = MAX_STORED, ttl: float = STORE_TTL_S):
-        self.limit, self.ttl = limit, ttl
+    def __init__(self, limit: int = MAX_STORED, ttl: float = STORE_TTL_S, media_limit: int = MAX_STORED_MEDIA_BYTES):
+        self.limit, self.ttl, self.media_limit = limit, ttl, media_limit
         self._items: "OrderedDict[str, _Stored]" = OrderedDict()
         self._lock = threading.Lock()
 
     def _expire(self, now: float):
+        media = sum(v.media_bytes for v in self._items.values())
         while self._items:
             k, v = next(iter(self._items.items()))
-            if v.expires > now and len(self._items) <= self.limit:
+            if v.expires > now and len(self._items) <= self.limit and media <= self.media_limit:
                 break
+            media -= v.media_bytes
             del self._items[k]
 
-    def put(self, response: dict, messages: List[dict]):
+    def put(self, response: dict, messages: List[dict], media: Optional[list] = None):
         with self._lock:
             now = time.monotonic()
-            self._items[response["id"]] = _Stored(response, messages, now + self.ttl)
+            self._items[response["id"]] = _Stored(response, messages, now + self.ttl, list(media or []))
             self._expire(now)
 
     def get(self, rid: str) -> Optional[_Stored]:
@@ -79,11 +88,14 @@ class Request:
     echo: dict
     store: bool
     stops: List[str] = field(default_factory=list)
+    media: list = field(default_factory=list)  # the conversation's images/audio (history first)
 
 
-def _parts_text(content, where: str) -> str:
+def _parts_text(content, where: str, media: Optional[list] = None, policy=None) -> str:
+    """Content parts as text; input_image / input_audio parts become media markers and their items are appended
+    to `media` (None: such parts are refused, as in a function_call_output)."""
     if isinstance(content, str):
-        return F.clean_text(content)
+        return F.clean_text(mediamod.strip_markers(content))
     if not isinstance(content, list):
         raise _bad(f"{where} must be a string or an array of content parts", "input")
     out = []
@@ -92,22 +104,27 @@ def _parts_text(content, where: str) -> str:
         if kind in ("input_text", "output_text", "text", "summary_text", "reasoning_text"):
             if not isinstance(p.get("text"), str):
                 raise _bad(f"{where}[{j}].text must be a string", "input")
-            out.append(F.clean_text(p["text"]))
+            out.append(F.clean_text(mediamod.strip_markers(p["text"])))
         elif kind == "refusal":
             out.append(p.get("refusal") if isinstance(p.get("refusal"), str) else "")
+        elif kind in ("input_image", "input_audio") and media is not None:
+            media.append(mediamod.content_part(p, kind, policy, f"{where}[{j}]", "input"))
+            mediamod.check_count(len(media), policy or mediamod.MediaPolicy(), "input")
+            out.append(mediamod.placeholders(media[-1:]))
         elif kind in ("input_image", "input_file", "input_audio"):
-            raise _bad(f"{where}[{j}] is an {kind[6:]} part; /v1/responses takes text only (images and audio go "
-                       f"through /v1/chat/completions with --mmproj)", "input")
+            why = "files are not supported" if kind == "input_file" else "only message content may hold images and audio"
+            raise _bad(f"{where}[{j}] is an {kind[6:]} part; {why}", "input")
         else:
             raise _bad(f"{where}[{j}]: unknown content part type {kind!r}", "input")
     return "".join(out)
 
 
-def parse_input(inp) -> List[dict]:
+def parse_input(inp, media: Optional[list] = None, policy=None) -> List[dict]:
     """`input` -> normalised messages. function_call items join the assistant turn before them; their outputs
-    become tool messages; reasoning items are dropped (the prompt carries answers only)."""
+    become tool messages; reasoning items are dropped (the prompt carries answers only). Images and audio in
+    message content are appended to `media`."""
     if isinstance(inp, str):
-        return [{"role": "user", "content": F.clean_text(inp)}]
+        return [{"role": "user", "content": F.clean_text(mediamod.strip_markers(inp))}]
     if not isinstance(inp, list) or not inp:
         raise _bad("'input' must be a string or a non-empty array of items", "input")
     out: List[dict] = []
@@ -120,7 +137,8 @@ def parse_input(inp) -> List[dict]:
             role = it.get("role")
             if role not in ("user", "system", "developer", "assistant"):
                 raise _bad(f"{where}.role must be user, system, developer or assistant, got {role!r}", "input")
-            out.append({"role": role, "content": _parts_text(it.get("content", ""), f"{where}.content")})
+            out.append({"role": role, "content": _parts_text(it.get("content", ""), f"{where}.content", media,
+                                                             policy)})
         elif kind == "function_call":
             if not isinstance(it.get("name"), str) or not it["name"] or not isinstance(it.get("call_id"), str):
                 raise _bad(f"{where}: a function_call needs string 'call_id' and 'name'", "input")
@@ -228,7 +246,8 @@ def parse(body, ctx: Context, store: ResponseStore) -> Request:
             raise _bad(f"Previous response with id '{prev_id[:100]}' not found (responses are kept for "
                        f"{int(STORE_TTL_S // 60)} minutes, at most {MAX_STORED})", "previous_response_id")
         history = [dict(m) for m in prev.messages]
-    inp = parse_input(b.data.get("input"))
+    media = list(prev.media) if prev_id is not F.MISSING else []
+    inp = parse_input(b.data.get("input"), media, getattr(ctx, "media", None))
     instructions = b.raw("instructions")
     if instructions is not F.MISSING and not isinstance(instructions, str):
         raise _bad("'instructions' must be a string", "instructions")
@@ -262,7 +281,7 @@ def parse(body, ctx: Context, store: ResponseStore) -> Request:
 
     def plan_with(max_length: int) -> Plan:
         template = GenRequest(prompt="", max_length=max_length, max_context_length=eng.n_ctx,
-                              sampling=dataclasses.replace(sampling), trim_stop=True)
+                              sampling=dataclasses.replace(sampling), trim_stop=True, media=media)
         plan = Plan("chat", [], ctx.model_name, rid, stream=stream)
         return chat.plan_chat(plan, ctx, messages, adapter, template, [None], tools, choice, jinja=ctx.use_jinja,
                               tool_temperature=sampling.temperature if b.raw("temperature") is not F.MISSING
@@ -278,7 +297,7 @@ def parse(body, ctx: Context, store: ResponseStore) -> Request:
             "parallel_tool_calls": parallel, "text": {"format": fmt},
             "reasoning": {"effort": effort, "summary": None}, "metadata": meta if isinstance(meta, dict) else {},
             "store": b.bool("store", True), "truncation": "disabled", "user": None}
-    return Request(plan, conversation, echo, echo["store"])
+    return Request(plan, conversation, echo, echo["store"], media=media)
 
 
 def _pipeline_options(parallel: bool, effort: Optional[str]) -> dict:
@@ -339,7 +358,7 @@ def _finish(req: Request, out: turn.Outcome, output: list, store: ResponseStore)
     status, why = _status(out)
     resp = _envelope(req, status, output, _usage(out), why)
     if req.store:
-        store.put(json.loads(json.dumps(resp)), _conversation(req, out))
+        store.put(json.loads(json.dumps(resp)), _conversation(req, out), req.media)
     return resp
 
 
@@ -457,9 +476,8 @@ class _Streamer:
 
 def input_tokens(body, ctx: Context, store: ResponseStore) -> dict:
     """POST /v1/responses/input_tokens: the prompt the request would run, counted."""
-    req = parse(body, ctx, store).plan.requests[0]
-    ids = req.prompt if isinstance(req.prompt, list) else ctx.engine.tokenize(req.memory + req.prompt)
-    return {"object": "response.input_tokens", "input_tokens": len(ids)}
+    return {"object": "response.input_tokens",
+            "input_tokens": turn.count_prompt(ctx.engine, parse(body, ctx, store).plan.requests[0])}
 
 
 # ---------------------------------------------------------------- stored responses

@@ -6,10 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Union
 
-from gguf_loader.jobs import Result
+from gguf_loader.jobs import GenRequest, InvalidRequest, Result
 
 from . import chat
 from .chat import Plan
+from .errors import BadRequest
 from .run import JobRunner
 
 
@@ -54,6 +55,14 @@ def plan_capped(n_ctx: int, engine, requested: int, plan_with: Callable[[int], P
     plan = plan_with(max(1, n_ctx // 4))  # any size that fits, to measure the prompt
     room = n_ctx - max(prompt_tokens(engine, r) for r in plan.requests)
     return plan_with(room if room >= 64 else max(1, n_ctx // 4))
+
+
+def count_prompt(engine, req: GenRequest) -> int:
+    """The request's prompt tokens (the token-counting routes); a request the engine can never run is a 400."""
+    try:
+        return engine.count_prompt(req)
+    except InvalidRequest as e:
+        raise BadRequest(str(e))
 
 
 def start(plan: Plan, runner: JobRunner, live: bool = True) -> Iterator[Union[Piece, Outcome]]:

@@ -628,6 +628,23 @@ class Engine:
         """(context, tokens to generate) for a request: jobs.token_budget on this engine's context."""
         return token_budget(self.n_ctx, req.max_context_length, req.max_length)
 
+    def count_prompt(self, req: GenRequest) -> int:
+        """Tokens the request's prompt takes before any trimming, images and audio at the projector's count (the
+        token-counting routes)."""
+        if isinstance(req.prompt, list):
+            return len(req.prompt) + (len(self.tokenize(req.memory, False)) if req.memory else 0)
+        n = 1 if req.add_bos and L.llama_vocab_get_add_bos(self.vocab) else 0
+        for text in (req.memory, req.prompt):
+            n += sum(len(self.tokenize(part, False, req.tokenize_special)) for part in text.split(MEDIA_MARKER) if part)
+        if req.media:
+            if not self.projector:
+                raise InvalidRequest(f"the request has {len(req.media)} image(s)/audio clip(s), but no projector is "
+                                     f"loaded (start with --mmproj FILE)")
+            for m in req.media:
+                n += sum(p.n_tokens if isinstance(p, MediaChunk) else len(p)
+                         for p in self.projector.tokenize(m, req.tokenize_special))
+        return n
+
     def _tokenize_media(self, text: str, pieces, special: bool, chunks: Dict[int, MediaChunk]) -> List[int]:
         """Text with media markers -> tokens with each media item's pieces (stand-in ids for its chunk)."""
         out: List[int] = []

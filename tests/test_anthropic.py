@@ -154,7 +154,7 @@ def test_keys(server):
     ({"max_tokens": 5, "messages": []}, "messages"),
     ({"max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, "role"),
     ({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image", "source": {
-        "type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]}, "text only"),
+        "type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]}, "no vision projector"),
     ({"max_tokens": 5, "messages": ASK, "tools": [{"type": "web_search_20250305", "name": "web_search"}]},
      "server tool"),
     ({"max_tokens": 5, "messages": ASK, "tools": WEATHER, "tool_choice": {"type": "tool", "name": "nope"}},

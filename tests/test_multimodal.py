@@ -117,6 +117,44 @@ def _wav() -> bytes:
             + b"data" + struct.pack("<I", len(pcm)) + pcm)
 
 
+def test_anthropic_image_blocks_with_the_sdk(server):
+    """Claude-style clients send images as base64 content blocks, in user turns and in tool results."""
+    import anthropic
+    client = anthropic.Anthropic(base_url=server.url, api_key="x")
+    img = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                       "data": b64(png_bytes(seed=51))}}
+    msgs = [{"role": "user", "content": [img, {"type": "text", "text": "What is in this picture?"}]}]
+    m = client.messages.create(model="m", max_tokens=3, messages=msgs)
+    assert m.usage.input_tokens > N_IMG
+    assert client.messages.count_tokens(model="m", messages=msgs).input_tokens == m.usage.input_tokens
+    # a screenshot returned by a tool: the tool result holds the image
+    tools = [{"name": "screenshot", "description": "Take a screenshot", "input_schema": {"type": "object"}}]
+    follow = [{"role": "user", "content": "Look at the screen."},
+              {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "screenshot", "input": {}}]},
+              {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                            "content": [img, {"type": "text", "text": "the screen"}]}]}]
+    assert client.messages.count_tokens(model="m", messages=follow, tools=tools).input_tokens > N_IMG
+    with pytest.raises(anthropic.BadRequestError) as e:
+        client.messages.create(model="m", max_tokens=3, system=[img], messages=msgs)
+    assert "messages only" in str(e.value)
+
+
+def test_responses_input_image_and_the_next_turn_keeps_it(client):
+    img = data_url(png_bytes(seed=61))
+    first = client.responses.create(model="x", max_output_tokens=3, input=[
+        {"role": "user", "content": [{"type": "input_text", "text": "Describe this."},
+                                     {"type": "input_image", "image_url": img}]}])
+    assert first.usage.input_tokens > N_IMG
+    again = client.responses.create(model="x", max_output_tokens=3, previous_response_id=first.id,
+                                    input="And the colours?")
+    # the stored conversation still holds the image, and its cache is reused
+    assert again.usage.input_tokens > first.usage.input_tokens
+    assert again.usage.input_tokens_details.cached_tokens >= N_IMG
+    st, _, r = http("POST", client.base_url.__str__().rstrip("/") + "/responses", {
+        "model": "x", "input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]})
+    assert st == 400 and "file_id" in r["error"]["message"]
+
+
 def _huge_png() -> bytes:
     from PIL import Image
     buf = io.BytesIO()
@@ -139,6 +177,15 @@ def _huge_png() -> bytes:
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": data_url(b"GIF89a broken", "image/gif")}}]}]}, "image"),
     ("/api/chat", {"messages": [{"role": "user", "content": "x", "images": ["@@@"]}]}, "base64"),
+    ("/v1/messages", {"max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "%%%"}}]}]}, "base64"),
+    ("/v1/messages", {"max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "file", "file_id": "f"}}]}]}, "files are not supported"),
+    ("/v1/messages", {"max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "AAAA"}}]}]},
+     "documents"),
+    ("/v1/responses", {"input": [{"role": "user", "content": [
+        {"type": "input_image", "image_url": "data:image/png;base64,%%%"}]}]}, "base64"),
 ])
 def test_bad_media_is_a_400_naming_the_problem(server, route, body, needle):
     st, _, r = http("POST", server.url + route, body)
@@ -156,6 +203,15 @@ def test_media_without_a_projector_is_refused():
     from adapters.errors import BadRequest
     with pytest.raises(BadRequest) as e:
         kobold.parse_generate({"prompt": "x", "images": [b64(png_bytes())]}, kobold.GenDefaults())
+    assert "no vision projector" in e.value.msg
+    from adapters import anthropic, responses
+    img = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64(png_bytes())}}
+    with pytest.raises(BadRequest) as e:
+        anthropic.parse_messages({"messages": [{"role": "user", "content": [img]}]}, [], None)
+    assert "no vision projector" in e.value.msg
+    with pytest.raises(BadRequest) as e:
+        responses.parse_input([{"role": "user", "content": [{"type": "input_image", "image_url": data_url(png_bytes())}]}],
+                              [], None)
     assert "no vision projector" in e.value.msg
 
 

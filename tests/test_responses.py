@@ -192,3 +192,14 @@ def test_reasoning_item():
             {"role": "user", "content": "Hi"}, r.output[0].model_dump(exclude_none=True),
             {"role": "user", "content": "More?"}])
         assert again.object == "response"
+
+
+def test_the_store_bounds_the_images_it_keeps():
+    from adapters.responses import ResponseStore
+    from gguf_loader.jobs import Media
+    store = ResponseStore(media_limit=1000)
+    store.put({"id": "a"}, [], [Media("image", b"x" * 600)])
+    store.put({"id": "b"}, [], [Media("image", b"x" * 600)])  # 1,200 bytes: the oldest goes
+    assert store.get("a") is None and store.get("b").media[0].data == b"x" * 600
+    store.put({"id": "c"}, [])
+    assert store.get("b") is not None and store.get("c") is not None
