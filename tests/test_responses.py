@@ -186,7 +186,8 @@ def test_reasoning_item():
         assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == \
             r.output[0].content[0].text
         # an upper bound far beyond the 256-token context: the reply fills what the prompt leaves
-        big = c.responses.create(model="m", input="Hi", max_output_tokens=10 ** 6, reasoning={"effort": "none"})
+        big = c.responses.create(model="m", input="Hi", max_output_tokens=10 ** 6, reasoning={"effort": "none"},
+                                 temperature=0)  # greedy: a sampled end of text or stop string would end it early
         assert big.status == "incomplete" and big.usage.input_tokens + big.usage.output_tokens == 256
         again = c.responses.create(model="m", max_output_tokens=2, input=[
             {"role": "user", "content": "Hi"}, r.output[0].model_dump(exclude_none=True),
