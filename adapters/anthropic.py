@@ -101,11 +101,13 @@ def parse_messages(body: dict, media: Optional[list] = None, policy=None) -> Lis
         if not isinstance(content, list):
             raise _bad(f"{where}.content must be a string or an array of content blocks")
         texts, calls, results = [], [], []
+        # tool results go before the turn's text in the prompt, so their images come first too
+        text_media, result_media = ([], []) if media is not None else (None, None)
         for j, blk in enumerate(content):
             bw = f"{where}.content[{j}]"
             kind = blk.get("type") if isinstance(blk, dict) else None
             if kind == "text" or (kind == "image" and role == "user"):
-                texts += _blocks([blk], f"{where}.content", media, policy, j)
+                texts += _blocks([blk], f"{where}.content", text_media, policy, j)
             elif kind in ("image", "document"):
                 raise _bad(f"{bw} is a{'n image' if kind == 'image' else ' document'} block; "
                            f"{'documents (PDF) are not supported' if kind == 'document' else 'images go in user turns'}")
@@ -118,7 +120,7 @@ def parse_messages(body: dict, media: Optional[list] = None, policy=None) -> Lis
             elif kind == "tool_result" and role == "user":
                 if not isinstance(blk.get("tool_use_id"), str):
                     raise _bad(f"{bw}: a tool_result block needs a string 'tool_use_id'")
-                text = _text_of(blk.get("content", ""), f"{bw}.tool_result content", media, policy)
+                text = _text_of(blk.get("content", ""), f"{bw}.tool_result content", result_media, policy)
                 if blk.get("is_error") is True:
                     text = "Error: " + text
                 results.append({"role": "tool", "content": text, "tool_call_id": blk["tool_use_id"]})
@@ -127,6 +129,9 @@ def parse_messages(body: dict, media: Optional[list] = None, policy=None) -> Lis
             else:
                 raise _bad(f"{bw}: unsupported content block type {kind!r} in a{'n' if role == 'assistant' else ''} "
                            f"{role} message")
+        if media is not None:
+            media += result_media + text_media
+            mediamod.check_count(len(media), policy or mediamod.MediaPolicy(), "messages")
         out += results
         if texts or calls or not results:
             msg = {"role": role, "content": "".join(texts)}

@@ -139,6 +139,25 @@ def test_anthropic_image_blocks_with_the_sdk(server):
     assert "messages only" in str(e.value)
 
 
+def test_anthropic_images_are_listed_in_prompt_order():
+    """A tool result goes before its turn's text in the prompt; its image must come first in the media list too."""
+    from adapters import anthropic
+    from adapters.media import MEDIA_MARKER, MediaPolicy
+
+    def img(seed):
+        return {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                            "data": b64(png_bytes(w=8 + seed, h=8, seed=seed))}}
+    media = []
+    msgs = anthropic.parse_messages({"messages": [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "shot", "input": {}}]},
+        {"role": "user", "content": [img(1), {"type": "text", "text": "see"},
+                                     {"type": "tool_result", "tool_use_id": "t", "content": [img(2)]}]}]},
+        media, MediaPolicy(vision=True))
+    assert [m["role"] for m in msgs] == ["assistant", "tool", "user"]
+    assert msgs[1]["content"] == MEDIA_MARKER and msgs[2]["content"] == MEDIA_MARKER + "see"
+    assert [m.width for m in media] == [10, 9]  # the tool's image, then the user's
+
+
 def test_responses_input_image_and_the_next_turn_keeps_it(client):
     img = data_url(png_bytes(seed=61))
     first = client.responses.create(model="x", max_output_tokens=3, input=[
