@@ -630,20 +630,10 @@ class Engine:
 
     def count_prompt(self, req: GenRequest) -> int:
         """Tokens the request's prompt takes before any trimming, images and audio at the projector's count (the
-        token-counting routes)."""
-        if isinstance(req.prompt, list):
-            return len(req.prompt) + (len(self.tokenize(req.memory, False)) if req.memory else 0)
-        n = 1 if req.add_bos and L.llama_vocab_get_add_bos(self.vocab) else 0
-        for text in (req.memory, req.prompt):
-            n += sum(len(self.tokenize(part, False, req.tokenize_special)) for part in text.split(MEDIA_MARKER) if part)
-        if req.media:
-            if not self.projector:
-                raise InvalidRequest(f"the request has {len(req.media)} image(s)/audio clip(s), but no projector is "
-                                     f"loaded (start with --mmproj FILE)")
-            for m in req.media:
-                n += sum(p.n_tokens if isinstance(p, MediaChunk) else len(p)
-                         for p in self.projector.tokenize(m, req.tokenize_special))
-        return n
+        token-counting routes). Raises InvalidRequest for what could never run."""
+        self.validate(req)
+        pieces = [self.projector.tokenize(m, req.tokenize_special) for m in req.media] if req.media else None
+        return sum(len(part) for part in self._untrimmed(req, pieces, {}))
 
     def _tokenize_media(self, text: str, pieces, special: bool, chunks: Dict[int, MediaChunk]) -> List[int]:
         """Text with media markers -> tokens with each media item's pieces (stand-in ids for its chunk)."""
@@ -656,27 +646,40 @@ class Engine:
                 for piece in next(pieces):
                     if isinstance(piece, MediaChunk):
                         chunks[piece.ident] = piece
-                        if piece.n_pos != piece.n_tokens and len(self._pos_gaps) < 100_000:
-                            self._pos_gaps[piece.ident] = piece.n_tokens - piece.n_pos
                         out += _pseudo(piece)
                     else:
                         out += piece
         return out
+
+    def _untrimmed(self, req: GenRequest, media_pieces, chunks: Dict[int, MediaChunk]) -> tuple:
+        """(BOS, memory, body) token lists of the whole prompt. A text prompt with no media is tokenized with its
+        memory as one text (memory then comes back empty: it is split off only when trimming needs it)."""
+        special = req.tokenize_special
+        if isinstance(req.prompt, list):  # ids were checked by validate()
+            return [], self.tokenize(req.memory, False, special) if req.memory else [], list(req.prompt)
+        add_bos = req.add_bos and L.llama_vocab_get_add_bos(self.vocab)
+        bos = [L.llama_vocab_bos(self.vocab)] if add_bos else []
+        if req.media and media_pieces is not None:
+            it = iter(media_pieces)
+            mem = self._tokenize_media(req.memory, it, special, chunks) if req.memory else []
+            body = self._tokenize_media(req.prompt, it, special, chunks)
+            if body and body[-1] < 0:  # the last prompt token gives the first logits: it must be text
+                body += self.tokenize("\n", add_bos=False, special=False)
+            return bos, mem, body
+        text = req.memory + req.prompt
+        return bos, [], self.tokenize(text, add_bos=False, special=special) if text else []
 
     def _build_prompt(self, req: GenRequest, media_pieces=None, chunks: Optional[Dict[int, MediaChunk]] = None
                       ) -> List[int]:
         """The prompt tokens, trimmed from the front to fit the budget, keeping BOS and memory; memory and prompt
         are tokenized as one text when they fit. Media chunks are never cut: a trim inside one drops all of it."""
         n_ctx, max_new = self.budget(req)
-        special = req.tokenize_special
+        chunks = {} if chunks is None else chunks
+        bos, mem, body = self._untrimmed(req, media_pieces, chunks)
         if req.media and media_pieces is not None:
-            add_bos = req.add_bos and L.llama_vocab_get_add_bos(self.vocab)
-            bos = [L.llama_vocab_bos(self.vocab)] if add_bos else []
-            it = iter(media_pieces)
-            mem = self._tokenize_media(req.memory, it, special, chunks) if req.memory else []
-            body = self._tokenize_media(req.prompt, it, special, chunks)
-            if body and body[-1] < 0:  # the last prompt token gives the first logits: it must be text
-                body += self.tokenize("\n", add_bos=False, special=False)
+            for c in chunks.values():
+                if c.n_pos != c.n_tokens and len(self._pos_gaps) < 100_000:
+                    self._pos_gaps[c.ident] = c.n_tokens - c.n_pos
             room = n_ctx - max_new - len(bos)
             if len(mem) > room:
                 mem = mem[len(mem) - room:] if room > 0 else []
@@ -690,17 +693,10 @@ class Engine:
                     k += 1
                 body = body[k:]
             return (bos + mem + body) or [L.llama_vocab_bos(self.vocab)]
-        if isinstance(req.prompt, list):  # ids were checked by validate()
-            bos, mem, body = [], self.tokenize(req.memory, False, special) if req.memory else [], list(req.prompt)
-        else:
-            add_bos = req.add_bos and L.llama_vocab_get_add_bos(self.vocab)
-            bos = [L.llama_vocab_bos(self.vocab)] if add_bos else []
-            text = req.memory + req.prompt
-            whole = self.tokenize(text, add_bos=False, special=special) if text else []
-            mem, body = [], whole
-            if req.memory and len(bos) + len(whole) > n_ctx - max_new:
-                mem = self.tokenize(req.memory, add_bos=False, special=special)
-                body = self.tokenize(req.prompt, add_bos=False, special=special) if req.prompt else []
+        if not isinstance(req.prompt, list) and req.memory and len(bos) + len(body) > n_ctx - max_new:
+            special = req.tokenize_special
+            mem = self.tokenize(req.memory, add_bos=False, special=special)
+            body = self.tokenize(req.prompt, add_bos=False, special=special) if req.prompt else []
         room = n_ctx - max_new - len(bos)
         if len(mem) > room:
             mem = mem[len(mem) - room:] if room > 0 else []
