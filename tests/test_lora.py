@@ -10,7 +10,7 @@ import pytest
 from gguf_loader.engine import Engine, EngineConfig, ModelLoadError
 from gguf_loader.jobs import GenRequest, InvalidRequest, SamplingParams
 from tests.support import KOBOLDCPP, ServerProcess, http
-from tests.tinymodel import tiny_model_path
+from tests.tinymodel import tiny_model_path, write_out
 
 GREEDY = SamplingParams(temperature=0)
 PROMPT = "hello world"
@@ -32,10 +32,7 @@ def write_tiny_lora(path, n_layers=2, n_embd=64, n_ff=128, rank=4, alpha=4.0, se
         w.add_tensor(f"blk.{i}.attn_q.weight.lora_b", rand(n_embd, rank))
         w.add_tensor(f"blk.{i}.ffn_up.weight.lora_a", rand(rank, n_embd))
         w.add_tensor(f"blk.{i}.ffn_up.weight.lora_b", rand(n_ff, rank))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_out(w)
     return str(path)
 
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.support import ServerProcess, bundled_model_path, http, smollm2_model_path
-from tests.tinymodel import write_broken_models
+from tests.tinymodel import write_broken_models, write_out
 
 G, S = "koboldcpp/gemma", "koboldcpp/smol"
 KEY = {"Authorization": "Bearer admin-key"}
@@ -30,7 +30,7 @@ def modeldir(tmp_path_factory):
     w.add_name("nosuch")
     w.add_context_length(128)
     w.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    write_out(w)
     # a .kcpps carries one model's own settings
     (d / "smolcfg.kcpps").write_text('{"model": "smol.gguf", "contextsize": 320, "defaultgenamt": 20}')
     return d

@@ -13,6 +13,24 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.tinymodel import write_out
+
+
+def _add_encoder(wr, w, prefix: str, n_layers: int, hidden: int, ffn: int, no_bias=()):
+    """Pre-norm transformer blocks and the post norm of a ViT / Whisper-style tower (`v` or `a` tensors); the
+    projections named in `no_bias` have no bias."""
+    for i in range(n_layers):
+        for name, shape in (("attn_q", (hidden, hidden)), ("attn_k", (hidden, hidden)), ("attn_v", (hidden, hidden)),
+                            ("attn_out", (hidden, hidden)), ("ffn_up", (ffn, hidden)), ("ffn_down", (hidden, ffn))):
+            wr.add_tensor(f"{prefix}.blk.{i}.{name}.weight", w(*shape))
+            if name not in no_bias:
+                wr.add_tensor(f"{prefix}.blk.{i}.{name}.bias", w(shape[0]))
+        for ln in ("ln1", "ln2"):
+            wr.add_tensor(f"{prefix}.blk.{i}.{ln}.weight", np.ones(hidden, np.float32))
+            wr.add_tensor(f"{prefix}.blk.{i}.{ln}.bias", np.zeros(hidden, np.float32))
+    wr.add_tensor(f"{prefix}.post_ln.weight", np.ones(hidden, np.float32))
+    wr.add_tensor(f"{prefix}.post_ln.bias", np.zeros(hidden, np.float32))
+
 
 def write_mmproj(path, n_embd_text: int = 640, *, hidden: int = 64, n_layers: int = 2, n_heads: int = 2,
                  ffn: int = 128, image_size: int = 128, patch: int = 8, scale: int = 2, seed: int = 0,
@@ -47,22 +65,10 @@ def write_mmproj(path, n_embd_text: int = 640, *, hidden: int = 64, n_layers: in
     wr.add_tensor("v.patch_embd.weight", w(hidden, 3, patch, patch))
     wr.add_tensor("v.patch_embd.bias", w(hidden))
     wr.add_tensor("v.position_embd.weight", w(n_pos, hidden))
-    for i in range(n_layers):
-        for name, shape in (("attn_q", (hidden, hidden)), ("attn_k", (hidden, hidden)), ("attn_v", (hidden, hidden)),
-                            ("attn_out", (hidden, hidden)), ("ffn_up", (ffn, hidden)), ("ffn_down", (hidden, ffn))):
-            wr.add_tensor(f"v.blk.{i}.{name}.weight", w(*shape))
-            wr.add_tensor(f"v.blk.{i}.{name}.bias", w(shape[0]))
-        for ln in ("ln1", "ln2"):
-            wr.add_tensor(f"v.blk.{i}.{ln}.weight", np.ones(hidden, np.float32))
-            wr.add_tensor(f"v.blk.{i}.{ln}.bias", np.zeros(hidden, np.float32))
-    wr.add_tensor("v.post_ln.weight", np.ones(hidden, np.float32))
-    wr.add_tensor("v.post_ln.bias", np.zeros(hidden, np.float32))
+    _add_encoder(wr, w, "v", n_layers, hidden, ffn)
     wr.add_tensor("mm.input_projection.weight", w(hidden, n_embd_text))
     wr.add_tensor("mm.soft_emb_norm.weight", np.ones(hidden, np.float32))
-    wr.write_header_to_file()
-    wr.write_kv_data_to_file()
-    wr.write_tensors_to_file()
-    wr.close()
+    write_out(wr)
     return str(path)
 
 
@@ -95,24 +101,10 @@ def write_audio_mmproj(path, n_embd_text: int = 640, *, hidden: int = 32, n_laye
     wr.add_tensor("a.conv1d.2.weight", w(hidden, hidden, 3))
     wr.add_tensor("a.conv1d.2.bias", w(hidden, 1))
     wr.add_tensor("a.position_embd.weight", w(1500, hidden))
-    for i in range(n_layers):
-        for name, shape, bias in (("attn_q", (hidden, hidden), True), ("attn_k", (hidden, hidden), False),
-                                  ("attn_v", (hidden, hidden), True), ("attn_out", (hidden, hidden), True),
-                                  ("ffn_up", (ffn, hidden), True), ("ffn_down", (hidden, ffn), True)):
-            wr.add_tensor(f"a.blk.{i}.{name}.weight", w(*shape))
-            if bias:
-                wr.add_tensor(f"a.blk.{i}.{name}.bias", w(shape[0]))
-        for ln in ("ln1", "ln2"):
-            wr.add_tensor(f"a.blk.{i}.{ln}.weight", np.ones(hidden, np.float32))
-            wr.add_tensor(f"a.blk.{i}.{ln}.bias", np.zeros(hidden, np.float32))
-    wr.add_tensor("a.post_ln.weight", np.ones(hidden, np.float32))
-    wr.add_tensor("a.post_ln.bias", np.zeros(hidden, np.float32))
+    _add_encoder(wr, w, "a", n_layers, hidden, ffn, no_bias=("attn_k",))
     wr.add_tensor("mm.a.fc.weight", w(n_embd_text, hidden))
     wr.add_tensor("mm.a.fc.bias", w(n_embd_text))
-    wr.write_header_to_file()
-    wr.write_kv_data_to_file()
-    wr.write_tensors_to_file()
-    wr.close()
+    write_out(wr)
     return str(path)
 
 

@@ -68,6 +68,34 @@ def _add_vocab(w, tokens, scores, types):
     w.add_add_bos_token(True)
 
 
+def write_out(w):
+    """Write a GGUFWriter's header, metadata and tensors, and close it (closing again is harmless)."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _add_blocks(w, rand, n_layers: int, n_embd: int, n_head: int, n_head_kv: int, n_ff: int, qk_norm: bool = False):
+    """The transformer blocks of a llama-style model (Qwen3 adds RMS norms on q and k)."""
+    head_dim = n_embd // n_head
+    ones = np.ones(n_embd, dtype=np.float32)
+    for i in range(n_layers):
+        b = f"blk.{i}."
+        w.add_tensor(b + "attn_norm.weight", ones.copy())
+        w.add_tensor(b + "attn_q.weight", rand(n_head * head_dim, n_embd))
+        w.add_tensor(b + "attn_k.weight", rand(n_head_kv * head_dim, n_embd))
+        w.add_tensor(b + "attn_v.weight", rand(n_head_kv * head_dim, n_embd))
+        w.add_tensor(b + "attn_output.weight", rand(n_embd, n_head * head_dim))
+        if qk_norm:
+            w.add_tensor(b + "attn_q_norm.weight", np.ones(head_dim, dtype=np.float32))
+            w.add_tensor(b + "attn_k_norm.weight", np.ones(head_dim, dtype=np.float32))
+        w.add_tensor(b + "ffn_norm.weight", ones.copy())
+        w.add_tensor(b + "ffn_gate.weight", rand(n_ff, n_embd))
+        w.add_tensor(b + "ffn_up.weight", rand(n_ff, n_embd))
+        w.add_tensor(b + "ffn_down.weight", rand(n_embd, n_ff))
+
+
 def write_tiny_llama(path, n_embd: int = 64, n_layers: int = 2, n_ff: int = 128, n_head: int = 4,
                      n_head_kv: int = 2, n_ctx: int = 512, seed: int = 0, chat_template: str | None = None,
                      big: bool = False, name: str = "tiny-llama", fim=False) -> Path:
@@ -125,25 +153,11 @@ def write_tiny_llama(path, n_embd: int = 64, n_layers: int = 2, n_ff: int = 128,
                              gguf.Keys.Tokenizer.FIM_SEP_ID), fim_ids):
             w.add_uint32(key, tid)
 
-        ones = np.ones(n_embd, dtype=np.float32)
         w.add_tensor("token_embd.weight", rand(n_vocab, n_embd))
-        w.add_tensor("output_norm.weight", ones.copy())
+        w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
         w.add_tensor("output.weight", rand(n_vocab, n_embd))
-        for i in range(n_layers):
-            b = f"blk.{i}."
-            w.add_tensor(b + "attn_norm.weight", ones.copy())
-            w.add_tensor(b + "attn_q.weight", rand(n_embd, n_embd))
-            w.add_tensor(b + "attn_k.weight", rand(n_head_kv * head_dim, n_embd))
-            w.add_tensor(b + "attn_v.weight", rand(n_head_kv * head_dim, n_embd))
-            w.add_tensor(b + "attn_output.weight", rand(n_embd, n_embd))
-            w.add_tensor(b + "ffn_norm.weight", ones.copy())
-            w.add_tensor(b + "ffn_gate.weight", rand(n_ff, n_embd))
-            w.add_tensor(b + "ffn_up.weight", rand(n_ff, n_embd))
-            w.add_tensor(b + "ffn_down.weight", rand(n_embd, n_ff))
-
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        _add_blocks(w, rand, n_layers, n_embd, n_head, n_head_kv, n_ff)
+        write_out(w)
     finally:
         w.close()
     return path
@@ -155,7 +169,6 @@ def write_tiny_reranker(path, n_embd: int = 64, n_layers: int = 2, n_ff: int = 1
     classification head, the tiny SentencePiece vocabulary."""
     import gguf
 
-    head_dim = n_embd // n_head
     tokens, scores, types = _vocab()
     n_vocab = len(tokens)
     rng = np.random.default_rng(seed)
@@ -180,26 +193,11 @@ def write_tiny_reranker(path, n_embd: int = 64, n_layers: int = 2, n_ff: int = 1
         w.add_classifier_output_labels(["yes", "no"])
         w.add_file_type(gguf.LlamaFileType.ALL_F32)
         _add_vocab(w, tokens, scores, types)
-        ones = np.ones(n_embd, dtype=np.float32)
         w.add_tensor("token_embd.weight", rand(n_vocab, n_embd, scale=1.0))
-        w.add_tensor("output_norm.weight", ones.copy())
+        w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
         w.add_tensor("cls.output.weight", rand(2, n_embd, scale=0.1))
-        for i in range(n_layers):
-            b = f"blk.{i}."
-            w.add_tensor(b + "attn_norm.weight", ones.copy())
-            w.add_tensor(b + "attn_q.weight", rand(n_head * head_dim, n_embd))
-            w.add_tensor(b + "attn_k.weight", rand(n_head_kv * head_dim, n_embd))
-            w.add_tensor(b + "attn_v.weight", rand(n_head_kv * head_dim, n_embd))
-            w.add_tensor(b + "attn_output.weight", rand(n_embd, n_head * head_dim))
-            w.add_tensor(b + "attn_q_norm.weight", np.ones(head_dim, dtype=np.float32))
-            w.add_tensor(b + "attn_k_norm.weight", np.ones(head_dim, dtype=np.float32))
-            w.add_tensor(b + "ffn_norm.weight", ones.copy())
-            w.add_tensor(b + "ffn_gate.weight", rand(n_ff, n_embd))
-            w.add_tensor(b + "ffn_up.weight", rand(n_ff, n_embd))
-            w.add_tensor(b + "ffn_down.weight", rand(n_embd, n_ff))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        _add_blocks(w, rand, n_layers, n_embd, n_head, n_head_kv, n_ff, qk_norm=True)
+        write_out(w)
     finally:
         w.close()
     return path
@@ -257,7 +255,7 @@ def write_broken_models(directory) -> dict:
     del w.kv_data[0][gguf.Keys.General.ARCHITECTURE]
     w.add_name("no arch")
     w.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    write_out(w)
     out["no_architecture"] = p
 
     # Valid GGUF with metadata only (as a vocab-only file would be), no tensors.
@@ -265,7 +263,7 @@ def write_broken_models(directory) -> dict:
     w = gguf.GGUFWriter(str(p), "llama")
     w.add_name("no tensors")
     w.add_context_length(128)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    write_out(w)
     out["no_tensors"] = p
 
     good.unlink()
