@@ -28,7 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.run import aggregate_tps  # noqa: E402
-from tests.support import ServerProcess, bundled_model_path, free_port, stop_process  # noqa: E402
+from tests.support import (ServerProcess, bundled_model_path, free_port, stop_process,  # noqa: E402
+                           wait_until_up)
 
 BIN = os.path.join(ROOT, "bench", ".llama-build", "build", "bin")
 
@@ -86,17 +87,10 @@ class LlamaServer:
                "-fa", "off"]
         self.log = open(f"/tmp/llama-server-{self.port}.log", "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited ({self.proc.returncode}); see {self.log.name}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.3)
+        if wait_until_up(self.proc, self.url + "/health", 180, 0.3):
+            return
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"llama-server exited ({self.proc.returncode}); see {self.log.name}")
         raise RuntimeError("llama-server did not come up")
 
     def stop(self):

@@ -50,6 +50,22 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10):
             proc.wait(5)
 
 
+def wait_until_up(proc: subprocess.Popen, url: str, timeout: float, interval: float = 0.2) -> bool:
+    """Poll `url` until it answers 200 (True); False once the process has exited or `timeout` seconds passed."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        time.sleep(interval)
+    return False
+
+
 class ServerProcess:
     """`python koboldcpp.py ...` on a free port; waits until /api/v1/model answers."""
 
@@ -68,17 +84,10 @@ class ServerProcess:
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"kcpp-test-{self.port}.log"
         self._log = open(self.log_path, "w+")
         self.proc = subprocess.Popen(cmd, cwd=str(ROOT), stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(self.url + "/api/v1/model", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            time.sleep(0.2)
+        if wait_until_up(self.proc, self.url + "/api/v1/model", timeout):
+            return
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
         self.stop()
         raise RuntimeError(f"server did not come up in {timeout}s:\n{self.log()}")
 
