@@ -309,6 +309,14 @@ def seed(b: Body, names=("sampler_seed", "seed"), lenient=True) -> int:
     return -1 if s < 0 else s & 0xFFFFFFFF
 
 
+def choice_seeds(seed: Optional[int], n: int) -> List[Optional[int]]:
+    """Seeds of a request's n choices or candidates: seed, seed + 1, ... as uint32, each the text that seed gives
+    alone; None each (random) when the request sets none."""
+    if seed is None or seed < 0:
+        return [None] * n
+    return [(seed + i) & 0xFFFFFFFF for i in range(n)]
+
+
 def sampling(b: Body, n_vocab: int, strict: bool = False, defaults: Optional[dict] = None) -> SamplingParams:
     """Every KoboldCpp sampler field of a body. strict: OpenAI-spec fields (marked in the table) reject
     out-of-range values; the rest stay KoboldCpp-lenient. defaults: values used when the body has none (an

@@ -105,9 +105,8 @@ def candidates(req: GenRequest, k: int) -> List[GenRequest]:
     """best_of: k copies of the request, each scoring its tokens, seeds following the request's (random if none)."""
     if k <= 1:
         return [req]
-    seed = req.sampling.seed
-    return [replace(req, score=True, sampling=replace(req.sampling, seed=(seed + i) & 0xFFFFFFFF if seed >= 0
-                                                       else -1)) for i in range(k)]
+    return [replace(req, score=True, sampling=replace(req.sampling, seed=-1 if s is None else s))
+            for s in F.choice_seeds(req.sampling.seed, k)]
 
 
 def best(results: List[Result]) -> Result:

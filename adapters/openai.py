@@ -128,13 +128,6 @@ def _beams(b: F.Body) -> dict:
     return kw
 
 
-def _seeds(b: F.Body, n: int) -> List[Optional[int]]:
-    seed = b.int("seed")
-    if seed is None or seed < 0:
-        return [None] * n
-    return [(seed + i) & 0xFFFFFFFF for i in range(n)]
-
-
 def _include_usage(b: F.Body) -> bool:
     so = b.raw("stream_options")
     if so is F.MISSING:
@@ -271,7 +264,7 @@ def parse_chat(body, ctx: Context) -> Plan:
     plan.n, plan.best_of = n, best_of
     if best_of > n:
         template.score = True
-    return chat.plan_chat(plan, ctx, messages, adapter, template, _seeds(b, best_of), tools, choice,
+    return chat.plan_chat(plan, ctx, messages, adapter, template, F.choice_seeds(b.int("seed"), best_of), tools, choice,
                           jinja=ctx.use_jinja and b.data.get("adapter") is None,
                           continue_assistant=b.bool("continue_assistant_turn"),
                           tool_temperature=template.sampling.temperature if explicit_temp is not F.MISSING
@@ -323,7 +316,7 @@ def parse_completion(body, ctx: Context) -> Plan:
                 include_usage=_include_usage(b), logprobs=lp is not None)
     plan.n, plan.best_of = n, best_of
     template.score = best_of > n
-    seeds = _seeds(b, best_of)
+    seeds = F.choice_seeds(b.int("seed"), best_of)
     for p in prompts:
         # a native-style text prompt may carry Kobold Lite's placeholders (this is not chat message content)
         text = instruct.replace_placeholders(p, adapter) if isinstance(p, str) else p
