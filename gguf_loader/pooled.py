@@ -57,8 +57,8 @@ class _Pooled:
         self.lock = threading.Lock()
         self._main, self.path = model, model_path
         self._n_ctx, self._n_threads, self._ngl, self._mmap = n_ctx, n_threads, n_gpu_layers, use_mmap
-        self.model = self.ctx = self.vocab = None
-        self.own_model = None
+        self.ctx = self.vocab = None
+        self.own_model = None  # the model loaded from model_path (freed with the context)
         self.n_ctx = 0
 
     @property
@@ -83,11 +83,9 @@ class _Pooled:
                 raise ModelLoadError(f"llama.cpp could not create a context for {self.name or 'the model'}'s "
                                      f"pooled output")
         except BaseException:
-            if self.own_model:
-                L.llama_model_free(self.own_model)
-                self.own_model = None
+            self._free_model()
             raise
-        self.model, self.ctx, self.vocab = model, ctx, Vocab(model)
+        self.ctx, self.vocab = ctx, Vocab(model)
 
     def _run(self, inputs: List[List[int]], what: str, read) -> list:
         """read(pointer to its pooled output) for each token list, right after its decode (the next one overwrites
@@ -109,9 +107,12 @@ class _Pooled:
             if self.ctx:
                 L.llama_free(self.ctx)
                 self.ctx = None
-            if self.own_model:
-                L.llama_model_free(self.own_model)
-                self.own_model = None
+            self._free_model()
+
+    def _free_model(self):
+        if self.own_model:
+            L.llama_model_free(self.own_model)
+            self.own_model = None
 
 
 class Embedder(_Pooled):
